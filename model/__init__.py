@@ -1,0 +1,10 @@
+"""DeepSeek-V3-style and Llama/Qwen decoders as pure functions of a parameter pytree."""
+
+from model.budget import count_params, flops_per_token
+from model.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from model.transformer import (abstract_params, forward, graphdef, init_cache, init_params, router_biases,
+                               update_router_bias)
+
+__all__ = ["ConfigError", "MLAConfig", "ModelConfig", "MoEConfig", "RopeConfig", "abstract_params",
+           "count_params", "flops_per_token", "forward", "graphdef", "init_cache", "init_params",
+           "router_biases", "update_router_bias"]

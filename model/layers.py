@@ -1,0 +1,84 @@
+"""Small building blocks: parameters with logical axis names, RMSNorm, SwiGLU MLP, embedding.
+
+Every parameter is an `nnx.Param` carrying `axes`, a tuple of logical axis names (one per dimension) that
+`sharding/` maps to mesh axes. The model itself never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype) -> nnx.Param:
+    """A normal(0, std) parameter with logical axis names."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype), axes=axes)
+
+
+def ones(shape: tuple[int, ...], axes: tuple[str, ...], dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), axes=axes)
+
+
+def zeros(shape: tuple[int, ...], axes: tuple[str, ...], dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32. scale: [dim]."""
+
+    def __init__(self, dim: int, eps: float, dtype, axis_name: str = "norm"):
+        self.scale = ones((dim,), (axis_name,), dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * y).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias). kernel: [in, out] with logical axes `axes`."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: ModelConfig, rngs: nnx.Rngs,
+                 bias: bool = False):
+        dt = dtype_of(cfg.param_dtype)
+        self.kernel = param(rngs, (d_in, d_out), axes, cfg.init_std, dt)
+        self.bias = zeros((d_out,), axes[1:], dt) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). x: [..., d_model] -> [..., d_model]."""
+
+    def __init__(self, cfg: ModelConfig, mlp_dim: int, rngs: nnx.Rngs):
+        self.gate_proj = Dense(cfg.d_model, mlp_dim, ("embed", "mlp"), cfg, rngs)
+        self.up_proj = Dense(cfg.d_model, mlp_dim, ("embed", "mlp"), cfg, rngs)
+        self.down_proj = Dense(mlp_dim, cfg.d_model, ("mlp", "embed"), cfg, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Embed(nnx.Module):
+    """Token embedding. embedding: [vocab, d_model]; `attend` gives tied logits."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std,
+                               dtype_of(cfg.param_dtype))
+
+    def __call__(self, tokens, dtype):
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+    def attend(self, x):
+        return x @ self.embedding[...].astype(x.dtype).T
