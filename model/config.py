@@ -158,6 +158,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     max_seq_len: int = 4096
+    remat: str = "none"  # 'none' | 'block' (recompute each block) | 'dots' (save matmul outputs only)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
@@ -176,6 +177,8 @@ class ModelConfig:
         _check(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
         _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
         _check(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {_DTYPES}, got {self.param_dtype!r}")
+        _check(self.remat in ("none", "block", "dots"), "remat",
+               f"must be 'none', 'block' or 'dots', got {self.remat!r}")
         _check(self.compute_dtype in _DTYPES, "compute_dtype", f"must be one of {_DTYPES}, got {self.compute_dtype!r}")
         if self.moe is not None:
             _check(self.moe.first_k_dense <= self.n_layers, "moe.first_k_dense",

@@ -26,6 +26,10 @@ from model.layers import MLP, Dense, Embed, RMSNorm, dtype_of
 from model.mla import MLA
 from model.moe import MoE, RouterBias, bias_update
 from model.rope import rope_tables
+from sharding.rules import constrain
+
+_REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_saveable}
+_ACT = ("batch", "seq", "act_embed")
 
 
 class Block(nnx.Module):
@@ -94,10 +98,20 @@ class Transformer(nnx.Module):
         mask_info = {"mask": mask, "index": index}
         rope = rope_tables(cfg.rope, cfg.rope_dim, cfg.max_seq_len, positions)
 
-        x = self.embed_tokens(tokens, dt)
+        def run(layer, x, layer_cache):
+            return layer(x, rope, mask_info, layer_cache)
+
+        if cfg.remat != "none" and cache is None:
+            def run(layer, x, layer_cache):  # functional split/merge: jax.checkpoint sees only arrays
+                gdef, state = nnx.split(layer)
+                block = jax.checkpoint(lambda st, h: nnx.merge(gdef, st)(h, rope, mask_info, None),
+                                       policy=_REMAT_POLICIES[cfg.remat])
+                return block(state, x)
+        x = constrain(self.embed_tokens(tokens, dt), _ACT)
         stats, new_layers = [], []
         for i, layer in enumerate(self.layers):
-            x, c, s = layer(x, rope, mask_info, None if cache is None else cache["layers"][i])
+            x, c, s = run(layer, x, None if cache is None else cache["layers"][i])
+            x = constrain(x, _ACT)
             new_layers.append(c)
             if s is not None:
                 stats.append(s)
@@ -110,7 +124,7 @@ class Transformer(nnx.Module):
                 nxt = jnp.concatenate([tokens[:, k:], jnp.zeros((b, k), tokens.dtype)], axis=1)
                 e = mod.enorm(self.embed_tokens(nxt, dt))
                 h = mod.eh_proj(jnp.concatenate([e, mod.hnorm(h)], axis=-1))
-                h, _, s = mod.block(h, rope, mask_info)
+                h, _, s = run(mod.block, h, None)
                 if s is not None:
                     stats.append(s)
                 mtp_logits.append(self.head(mod.norm(h)))
