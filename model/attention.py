@@ -16,10 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, dtype_of, param, zeros
+from model.layers import KeyGen, RMSNorm, dtype_of, param, zeros
 from model.rope import apply_rope
 
-_MASKED = -1e30  # finite, so a fully masked row (a pad query) gives a uniform, not a NaN, distribution
+MASKED = -1e30  # finite, so a fully masked row (a pad query) gives a uniform, not a NaN, distribution
 
 
 def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None):
@@ -44,7 +44,7 @@ def attend(q, k, v, mask, scale):
     kvh = k.shape[1]
     qg = q.reshape(b, kvh, h // kvh, t, dk)
     s = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, None, None], s, _MASKED)
+    s = jnp.where(mask[:, None, None], s, MASKED)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     o = jnp.einsum("bkgts,bksd->bkgtd", p, v)
     return o.reshape(b, h, t, v.shape[-1])
@@ -60,7 +60,7 @@ def write_cache(buf, new, index, axis):
 class Attention(nnx.Module):
     """Multi-head attention with grouped KV heads, optional qkv bias and per-head q/k RMSNorm (Qwen3)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: KeyGen):
         d, h, kvh, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         dt, std = dtype_of(cfg.param_dtype), cfg.init_std
         self.cfg = cfg

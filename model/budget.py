@@ -46,8 +46,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, with_mtp: bool = True) -> fl
     counts = count_params(cfg)
     embed = cfg.vocab_size * cfg.d_model
     matmul = counts["active"] - (0 if cfg.tie_embeddings else embed)
-    if cfg.tie_embeddings:
-        matmul += 0  # the embedding table doubles as the head: counted once, as the head
     dqk, dv = _attention_dims(cfg)
     attn_layers = cfg.n_layers
     flops = 6 * matmul

@@ -25,7 +25,6 @@ from safetensors.numpy import save_file
 
 from model.config import ModelConfig
 from model.hf_config import config_from_hf, config_to_hf
-from model.moe import RouterBias
 from model.transformer import abstract_params
 
 log = logging.getLogger(__name__)

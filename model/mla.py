@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import _MASKED, attend, write_cache
+from model.attention import MASKED, attend, write_cache
 from model.config import ModelConfig
-from model.layers import RMSNorm, dtype_of, param
+from model.layers import KeyGen, RMSNorm, dtype_of, param
 from model.rope import apply_rope
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: KeyGen):
         m, d, h = cfg.mla, cfg.d_model, cfg.n_heads
         dt, std = dtype_of(cfg.param_dtype), cfg.init_std
         self.cfg = cfg
@@ -83,7 +83,7 @@ class MLA(nnx.Module):
         q_lat = jnp.einsum("bhtk,chk->bhtc", q_nope, w_uk)
         s = (jnp.einsum("bhtc,bsc->bhts", q_lat, latent, preferred_element_type=jnp.float32)
              + jnp.einsum("bhtr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
-        s = jnp.where(mask[:, None], s * self.cfg.attn_scale, _MASKED)
+        s = jnp.where(mask[:, None], s * self.cfg.attn_scale, MASKED)
         p = jax.nn.softmax(s, axis=-1).astype(latent.dtype)
         o_lat = jnp.einsum("bhts,bsc->bhtc", p, latent)
         return jnp.einsum("bhtc,chv->bhtv", o_lat, w_uv)

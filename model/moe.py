@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import MLP, dtype_of, param
+from model.layers import MLP, KeyGen, dtype_of, param
 
 
 class RouterBias(nnx.Variable):
@@ -69,7 +69,7 @@ def balance_loss(scores, idx, n_experts, k, batch):
 
 
 class Router(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: KeyGen):
         e = cfg.moe.n_routed_experts
         self.kernel = param(rngs, (cfg.d_model, e), ("embed", "expert"), cfg.init_std, jnp.float32)
         self.bias = RouterBias(jnp.zeros((e,), jnp.float32), axes=("expert",))
@@ -78,7 +78,7 @@ class Router(nnx.Module):
 class Experts(nnx.Module):
     """Routed experts, stacked: gate/up [E, d_model, mlp], down [E, mlp, d_model]."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: KeyGen):
         e, d, f = cfg.moe.n_routed_experts, cfg.d_model, cfg.moe.mlp_dim
         dt, std = dtype_of(cfg.param_dtype), cfg.init_std
         self.gate_proj = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, dt)
@@ -95,7 +95,7 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: KeyGen):
         self.cfg = cfg
         self.gate = Router(cfg, rngs)
         self.experts = Experts(cfg, rngs)

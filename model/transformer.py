@@ -22,7 +22,7 @@ from flax import nnx
 
 from model.attention import Attention, attention_mask
 from model.config import ModelConfig
-from model.layers import MLP, Dense, Embed, RMSNorm, dtype_of
+from model.layers import MLP, Dense, Embed, KeyGen, RMSNorm, dtype_of
 from model.mla import MLA
 from model.moe import MoE, RouterBias, bias_update
 from model.rope import rope_tables
@@ -35,7 +35,7 @@ _ACT = ("batch", "seq", "act_embed")
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, moe: bool, rngs: KeyGen):
         dt = dtype_of(cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
         self.self_attn = MLA(cfg, rngs) if cfg.mla else Attention(cfg, rngs)
@@ -57,7 +57,7 @@ class Block(nnx.Module):
 class MTPModule(nnx.Module):
     """One multi-token-prediction depth (V3 §2.2): h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_i)])."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_index: int, rngs: KeyGen):
         dt = dtype_of(cfg.param_dtype)
         self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
         self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
@@ -67,7 +67,7 @@ class MTPModule(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: KeyGen):
         self.cfg = cfg
         self.embed_tokens = Embed(cfg, rngs)
         self.layers = nnx.List([Block(cfg, moe, rngs) for moe in cfg.is_moe_layer])
@@ -144,19 +144,19 @@ class Transformer(nnx.Module):
 @functools.lru_cache(maxsize=64)
 def graphdef(cfg: ModelConfig):
     """The static structure of the model for `cfg` (no arrays allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, KeyGen(jax.random.key(0)))))[0]
 
 
 def init_params(cfg: ModelConfig, rng=0) -> nnx.State:
     """Randomly initialised parameters (an nnx.State of Param and RouterBias variables)."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    return nnx.split(Transformer(cfg, nnx.Rngs(params=rng)))[1]
+    return nnx.split(Transformer(cfg, KeyGen(rng)))[1]
 
 
 def abstract_params(cfg: ModelConfig) -> nnx.State:
     """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), allocating nothing."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[1]
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, KeyGen(jax.random.key(0)))))[1]
 
 
 def forward(cfg: ModelConfig, params: nnx.State, tokens, positions=None, cache=None, *, segment_ids=None,

@@ -7,13 +7,12 @@ the optimizer update, from the expert loads of this step.
 
 from __future__ import annotations
 
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from model import init_params, update_router_bias
 from model.config import ModelConfig
