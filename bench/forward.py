@@ -54,15 +54,19 @@ def n_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def timed(fn, rounds: int, warmup: int = 1) -> list[float]:
-    """Seconds per call of `fn()` (which must block until its result is ready), after `warmup` calls."""
+def timed(fn, rounds: int, warmup: int = 1, cpu: list | None = None) -> list[float]:
+    """Wall seconds per call of `fn()` (which must block until its result is ready), after `warmup` calls.
+    If `cpu` is a list, this process's CPU seconds per call (all threads) are appended to it: on a machine
+    shared with other jobs they vary far less than wall time."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     return out
 
 
@@ -80,8 +84,10 @@ def matmul_peak(n: int = 2048, runs: int = 9) -> dict:
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
-    ts = timed(lambda: dot(a, b).block_until_ready(), runs, warmup=2)
-    return {"gflops": 2 * n ** 3 / med(ts) / 1e9, "best": 2 * n ** 3 / min(ts) / 1e9, "times": ts}
+    cpu = []
+    ts = timed(lambda: dot(a, b).block_until_ready(), runs, warmup=2, cpu=cpu)
+    return {"gflops": 2 * n ** 3 / med(ts) / 1e9, "best": 2 * n ** 3 / min(ts) / 1e9, "times": ts,
+            "cpu_gflops": 2 * n ** 3 / med(cpu) / 1e9}
 
 
 # ---- 2. forward -----------------------------------------------------------------------------------------
@@ -98,10 +104,11 @@ def bench_forward(cfg: ModelConfig, params, batch: int, seq: int, rounds: int) -
         xla_flops = float(ca.get("flops", float("nan")))
     except Exception:  # cost analysis is best-effort
         xla_flops = float("nan")
-    ts = timed(lambda: compiled(params, tokens).block_until_ready(), rounds, warmup=2)
+    cpu = []
+    ts = timed(lambda: compiled(params, tokens).block_until_ready(), rounds, warmup=2, cpu=cpu)
     t = med(ts)
     fwd_flops = flops_per_token(cfg, seq, with_mtp=False) / 3 * batch * seq
-    return {"time": t, "times": ts, "tok_s": batch * seq / t, "gflops": fwd_flops / t / 1e9,
+    return {"time": t, "times": ts, "cpu": med(cpu), "cpu_gflops": fwd_flops / med(cpu) / 1e9, "tok_s": batch * seq / t, "gflops": fwd_flops / t / 1e9,
             "xla_gflops": xla_flops / t / 1e9, "flops": fwd_flops, "xla_flops": xla_flops, "compile_s": compile_s,
             "fn": compiled, "tokens": tokens}
 
@@ -143,21 +150,21 @@ def bench_decode(cfg: ModelConfig, params, batch: int, prompt_len: int, new: int
     def run_loop():
         tok, cache = prefill(params, prompt)
         jax.block_until_ready(cache)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = []
         for _ in range(new):
             tok, cache = step(params, tok, cache)
             out.append(tok)
         toks = jnp.stack(out, axis=1).block_until_ready()
-        return time.perf_counter() - t0, toks
+        return time.perf_counter() - t0, time.process_time() - c0, toks
 
     def run_scan():
         tok, cache = prefill(params, prompt)
         jax.block_until_ready(cache)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         toks, cache = scan(params, tok, cache)
         toks.block_until_ready()
-        return time.perf_counter() - t0, toks
+        return time.perf_counter() - t0, time.process_time() - c0, toks
 
     t0 = time.perf_counter()
     tok, cache = prefill(params, prompt)
@@ -169,12 +176,14 @@ def bench_decode(cfg: ModelConfig, params, batch: int, prompt_len: int, new: int
         c0 = time.perf_counter()
         fn()  # warm-up (compiles)
         warm = time.perf_counter() - c0
-        times, toks = [], None
+        times, cpus, toks = [], [], None
         for _ in range(rounds):
-            t, toks = fn()
+            t, c, toks = fn()
             times.append(t)
+            cpus.append(c)
         t = med(times)
         res[name] = {"time": t, "times": times, "ms_step": t / new * 1e3, "tok_s": batch * new / t,
+                     "cpu_ms_step": med(cpus) / new * 1e3,
                      "warmup_s": warm, "tokens": np.asarray(toks)}
     res["agree"] = float(np.mean(res["loop"]["tokens"] == res["scan"]["tokens"]))
     res["best"] = min(("loop", "scan"), key=lambda k: res[k]["time"])
@@ -218,10 +227,13 @@ def hf_model(cfg: ModelConfig):
 
 
 def bench_hf(cfg: ModelConfig, batch: int, seq: int, rounds: int, dbatch: int, prompt_len: int, new: int,
-             decode_rounds: int) -> dict:
+             decode_rounds: int, decode_budget_s: float, threads: int) -> dict:
+    """HF forward (median of `rounds` after one warm-up) and greedy `generate` decode. If the decode would take
+    longer than `decode_budget_s` (estimated from a short warm-up generation), fewer new tokens are generated
+    and the result says how many."""
     import torch
 
-    torch.set_num_threads(n_cpus())
+    torch.set_num_threads(threads)
     model = hf_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
@@ -229,7 +241,7 @@ def bench_hf(cfg: ModelConfig, batch: int, seq: int, rounds: int, dbatch: int, p
     with torch.inference_mode():
         def fwd():
             model(input_ids=tokens, use_cache=False, logits_to_keep=0)
-        ts = timed(fwd, rounds, warmup=2)
+        ts = timed(fwd, rounds, warmup=1)
         prompt = torch.randint(0, cfg.vocab_size, (dbatch, prompt_len), generator=g)
         mask = torch.ones_like(prompt)
 
@@ -239,11 +251,15 @@ def bench_hf(cfg: ModelConfig, batch: int, seq: int, rounds: int, dbatch: int, p
                                  do_sample=False, pad_token_id=0, eos_token_id=None)
             assert out.shape[1] == prompt_len + n, out.shape
             return time.perf_counter() - t0
-        gen(4)  # warm-up
-        dts = [gen(new) for _ in range(decode_rounds)]
+        gen(2)  # warm-up
+        per_token = gen(8) / 8
+        n_new = new
+        if per_token * new * decode_rounds > decode_budget_s:
+            n_new = max(8, min(new, int(decode_budget_s / (per_token * decode_rounds))))
+        dts = [gen(n_new) for _ in range(decode_rounds)]
     return {"time": med(ts), "times": ts, "tok_s": batch * seq / med(ts), "params": n_params,
-            "threads": torch.get_num_threads(), "decode_time": med(dts), "decode_tok_s": dbatch * new / med(dts),
-            "decode_times": dts}
+            "threads": torch.get_num_threads(), "decode_time": med(dts), "decode_tok_s": dbatch * n_new / med(dts),
+            "decode_times": dts, "decode_new": n_new}
 
 
 # ---- 5. where the time goes -----------------------------------------------------------------------------
@@ -332,20 +348,23 @@ def profile(call, hlo: str, calls: int, label: str) -> list[tuple[str, float, st
     return [(name, ns / calls / 1e6, meta[name][1] + "  " + meta[name][0]) for name, ns in per_op.most_common()]
 
 
-def kind_of(desc: str) -> str:
+def kind_of(name: str, desc: str) -> str:
+    """Kind of one executed op from its HLO instruction name and `op_name  shape` description."""
+    if "dynamic_update_slice" in desc:
+        return "cache write"
+    if name.startswith(("copy", "transpose")):  # XLA names a fusion after its root ops: a relayout (+ fused math)
+        return "layout copies (transposes, with fused elementwise)"
     for key, kind in _KINDS:
         if key in desc:
             return kind
-    if "copy" in desc or "transpose" in desc:
-        return "layout copies"
-    return "other elementwise"
+    return "other elementwise / reductions"
 
 
 def print_profile(ops, title, top=12):
     total = sum(ms for _, ms, _ in ops)
     kinds = collections.Counter()
-    for _, ms, desc in ops:
-        kinds[kind_of(desc)] += ms
+    for name, ms, desc in ops:
+        kinds[kind_of(name, desc)] += ms
     print(f"\n### {title}: per-op time from jax.profiler (ms per call, summed over threads; total {total:.1f} ms)\n")
     print("| kind (by HLO op_name) | ms | share |\n|---|---|---|")
     for k, ms in kinds.most_common():
@@ -368,6 +387,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7, help="timed forward rounds (median)")
     ap.add_argument("--decode-rounds", type=int, default=3, help="timed decode rounds per variant (median)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
+    ap.add_argument("--hf-rounds", type=int, default=3, help="timed HF forward rounds (median)")
+    ap.add_argument("--hf-threads", type=int, default=n_cpus(),
+                    help="torch.set_num_threads for the HF peer (default: all CPUs, as XLA uses)")
+    ap.add_argument("--hf-decode-budget", type=float, default=30.0,
+                    help="seconds allowed for the timed HF decode; fewer new tokens are generated if it would exceed")
     ap.add_argument("--breakdown", action="store_true", help="time the forward's pieces alone")
     ap.add_argument("--profile", action="store_true", help="jax.profiler per-op times of forward and decode step")
     args = ap.parse_args(argv)
@@ -397,8 +421,8 @@ def main(argv=None):
     hf, hf_err = None, None
     if not args.no_hf:
         try:
-            hf = bench_hf(cfg, args.batch, args.seq, args.rounds, args.decode_batch, args.prompt, args.new,
-                          max(1, args.decode_rounds - 2))
+            hf = bench_hf(cfg, args.batch, args.seq, args.hf_rounds, args.decode_batch, args.prompt, args.new,
+                          1, args.hf_decode_budget, args.hf_threads)
         except ImportError as e:
             hf_err = f"skipped: {e}"
         except Exception as e:  # a peer failing must not sink the benchmark
@@ -418,12 +442,16 @@ def main(argv=None):
     print(f"| achieved (model FLOPs) | {fw['gflops']:.1f} GFLOP/s = **{frac:.0%} of peak** |")
     print(f"| achieved (XLA cost_analysis FLOPs, {fw['xla_flops'] / fwd_tok / 1e6:.2f} MFLOP/token) | "
           f"{fw['xla_gflops']:.1f} GFLOP/s = {fw['xla_gflops'] / peak['gflops']:.0%} of peak |")
+    print(f"| CPU time (all threads) per 2048² matmul / per forward; fraction of peak by CPU time | "
+          f"{2 * 2048 ** 3 / peak['cpu_gflops'] / 1e9 * 1e3:.0f} ms / {fw['cpu'] * 1e3:.0f} ms; "
+          f"{fw['cpu_gflops'] / peak['cpu_gflops']:.0%} |")
     print(f"| forward compile (lower+compile) | {fw['compile_s']:.1f} s |")
     print(f"| prefill [{args.decode_batch}×{args.prompt}] into the cache | {dec['prefill_time'] * 1e3:.0f} ms |")
     for k, label in (("loop", "Python loop of a jitted step, cache donated"), ("scan", "one jitted `lax.scan`")):
         d = dec[k]
-        print(f"| decode, {label} (median of {args.decode_rounds}, range ms) | {d['ms_step']:.2f} ms/step, "
-              f"{d['tok_s']:,.0f} new tok/s ({spread(d['times'])}) |")
+        print(f"| decode, {label} (median of {args.decode_rounds}, range of the {args.new}-step run in ms) | "
+              f"{d['ms_step']:.2f} ms/step, {d['tok_s']:,.0f} new tok/s ({spread(d['times'])}); "
+              f"CPU {d['cpu_ms_step']:.2f} ms/step |")
     print(f"| decode, best ({dec['best']}) | **{best['ms_step']:.2f} ms/step, {best['tok_s']:,.0f} new tok/s** |")
     print(f"| decode nominal GFLOP/s (dense over the {args.prompt + args.new}-slot cache, "
           f"{dec_flops / 1e6:.2f} MFLOP/token) | {best['tok_s'] * dec_flops / 1e9:.1f} = "
@@ -432,7 +460,9 @@ def main(argv=None):
     if hf is not None:
         print(f"| HF transformers eager ({hf['params']:,} params, {hf['threads']} threads) forward | "
               f"{hf['time'] * 1e3:.0f} ms, {hf['tok_s']:,.0f} tok/s → JAX/HF = **{fw['tok_s'] / hf['tok_s']:.2f}×** |")
-        print(f"| HF `generate` greedy decode (median of {len(hf['decode_times'])}) | "
+        short = "" if hf["decode_new"] == args.new else f", only {hf['decode_new']} new tokens (time budget)"
+        print(f"| HF transformers eager forward, median of {len(hf['times'])} (range ms) | {spread(hf['times'])} |")
+        print(f"| HF `generate` greedy decode ({len(hf['decode_times'])} run{short}) | "
               f"{hf['decode_tok_s']:,.0f} new tok/s → JAX/HF = **{best['tok_s'] / hf['decode_tok_s']:.2f}×** |")
     elif hf_err:
         print(f"| HF transformers | {hf_err} |")

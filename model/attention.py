@@ -1,6 +1,7 @@
 """Grouped-query attention (Llama, Qwen2, Qwen3) and the shared softmax-attention core.
 
-Masking is by position, not by index: a query at position p attends to a key slot whose position q
+Training and prefill without a cache use `model.fast_attention.causal_attention` (causal by index within
+segments, blocked, with its own backward pass); with a cache, masking is by position, not by index: a query at position p attends to a key slot whose position q
 satisfies 0 <= q <= p (and, when packing, the same segment). The same rule covers training (positions
 0..T-1), packed documents (positions restart, segment ids differ), left-padded prompts (pad slots hold
 position -1) and KV-cache decoding (empty slots hold -1).
@@ -50,6 +51,14 @@ def attend(q, k, v, mask, scale):
     return o.reshape(b, h, t, v.shape[-1])
 
 
+def self_attention(q, k, v, mask_info, scale):
+    """Dispatch: the blocked causal kernel without a cache (mask_info['mask'] is None), else the masked one."""
+    if mask_info["mask"] is None:
+        from model.fast_attention import causal_attention
+        return causal_attention(q, k, v, scale, segment_ids=mask_info["segment_ids"])
+    return attend(q, k, v, mask_info["mask"], scale)
+
+
 def write_cache(buf, new, index, axis):
     """Write `new` into `buf` at `index` along `axis` (in place under donation)."""
     starts = [0] * buf.ndim
@@ -97,7 +106,7 @@ class Attention(nnx.Module):
             index = mask_info["index"]
             cache = {"k": write_cache(cache["k"], k, index, 2), "v": write_cache(cache["v"], v, index, 2)}
             k, v = cache["k"].astype(x.dtype), cache["v"].astype(x.dtype)
-        o = attend(q, k, v, mask_info["mask"], cfg.attn_scale)
+        o = self_attention(q, k, v, mask_info, cfg.attn_scale)
         y = jnp.einsum("bhtk,hkd->btd", o, self.o_proj[...].astype(x.dtype))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(x.dtype)

@@ -1,24 +1,32 @@
 """Causal softmax attention for training on CPU, with its own backward pass.
 
-`causal_attention(q, k, v, scale, segment_ids=None, block=...)` computes the same thing as
-`attend(q, k, v, attention_mask(pos, pos, seg, seg), scale)` with pos = arange(seq), but:
+`causal_attention(q, k, v, scale, segment_ids=None)` computes the same thing as
+`attend(q, k, v, attention_mask(pos, pos, seg, seg), scale)` with pos = arange(seq) (causal by index, plus
+same-segment when packing), but is written for XLA:CPU, where `attend`'s forward and especially its
+autodiff backward are dominated by passes over the full [batch, heads, seq, seq] score matrix and its mask:
 
-- the mask is causal *by index* and is never materialised as a [batch, seq, seq] array: the causal part is a
-  static constant per query block, the segment part (packing) is built per block from `segment_ids`;
-- the sequence is split into query blocks of `block` rows; query block i only meets keys 0..(i+1)*block-1,
-  so the fully masked upper triangle of the score matrix is skipped (to block granularity) in the forward
-  and in the backward;
-- grouped KV heads are never repeated: the `heads // kv_heads` query heads sharing a KV head are folded into
-  the rows of one matmul ([batch, kv_heads, group*block, d] x [batch, kv_heads, keys, d]);
-- `jax.custom_vjp`: the forward saves the per-row logsumexp (f32) and the output; the backward recomputes the
-  probabilities block by block from the logsumexp (flash-attention style) instead of letting XLA
-  differentiate through `where`/softmax over the full square score matrix.
+- Row blocks, causal skipping: the sequence is cut into query blocks of `block` rows; query block i only
+  meets keys 0..end_i-1, so the upper triangle of the score matrix is skipped (to block granularity) in the
+  forward and in the backward. Only the static [block, end_i] causal pattern (and, when packing, the
+  segment test for those slots) is ever built, never a [batch, seq, seq] mask.
+- Grouped heads, no repeat: q [b, h, t, d] is viewed as [b, kv, g, t, d] (a free reshape); the g query
+  heads sharing a KV head are folded into the rows of one matmul ([b, kv, g*block, d] x [b, kv, L, d]).
+- `jax.custom_vjp`, flash-attention style: the forward keeps only the output and the per-row logsumexp
+  (f32); the backward recomputes each block's probabilities from the logsumexp, and uses
+  dS = P * (dP - rowsum(dO * O)). No score-sized residual is stored between forward and backward.
+- Cache-sized pieces: the batch is processed `batch_chunk` sequences at a time under `lax.map`, so each
+  block's score/probability arrays (~1 MiB) stay in cache; on CPU this was worth ~1.5-2x over letting
+  XLA run every block over the whole batch at once.
+- Matmul layouts: dK = dS^T Q and dV = P^T dO contract over the row axis of both operands, which XLA:CPU
+  sends to a slow generic dot. They are computed as dK^T = Q^T dS and dV^T = dO^T P with the small
+  [d, rows] transposes of Q and dO materialised (an `optimization_barrier` stops XLA from folding the
+  transpose back into the dot), so every matmul takes the fast path; dK^T/dV^T are transposed once at
+  the end.
 
-Scores, softmax, logsumexp and the backward's row sums are float32 whatever the input dtype; the probability
-matrix is cast to v.dtype for the probability x value products, as in `attend`.
-
-A sequence length that is not a multiple of `block` is zero-padded at the end (padded keys come after every
-real query, so causality already hides them; padded query rows are dropped).
+Everything is computed in float32 (at least): lower-precision inputs (bfloat16) are upcast on entry and
+the output cast back to q.dtype, since XLA:CPU has no complete bf16 x bf16 -> f32 dot path (some of the
+backward's products fail to run); bf16 speed was not measured. The last block may be shorter than
+`block` (sequence lengths need not be multiples of it).
 """
 
 from __future__ import annotations
@@ -29,154 +37,180 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_MASKED = -1e30  # same finite fill value as model.attention
-DEFAULT_BLOCK = 128
+_MASKED = -1e30  # same finite fill as model.attention.MASKED
+DEFAULT_BLOCK = 64
+_CHUNK_SCORES = 1 << 18  # target score-block elements (1 MiB f32) per lax.map step when choosing batch_chunk
 
 
-def causal_attention(q, k, v, scale, segment_ids=None, block: int = DEFAULT_BLOCK):
+def causal_attention(q, k, v, scale, segment_ids=None, block: int = DEFAULT_BLOCK, batch_chunk: int | None = None):
     """Causal (by index) grouped-query attention with a blocked, recomputing backward pass.
 
-    q [batch, heads, seq, dk], k [batch, kv_heads, seq, dk], v [batch, kv_heads, seq, dv]; heads % kv_heads == 0.
-    segment_ids: optional int [batch, seq]; a query only sees keys of its own segment.
-    block: query/key block size (static). Sequences not divisible by it are padded.
-    Returns [batch, heads, seq, dv] in q.dtype.
+    q [batch, heads, seq, dk], k [batch, kv_heads, seq, dk], v [batch, kv_heads, seq, dv];
+    heads % kv_heads == 0; dk may differ from dv.
+    scale: Python float multiplying q.k.
+    segment_ids: optional int [batch, seq]; a query then only sees keys of its own segment (packing).
+    block: query block size (static); the last block may be shorter.
+    batch_chunk: sequences processed per `lax.map` step (must divide batch); None picks one so that a
+      block's scores are about 1 MiB.
+    Computed in float32 (bfloat16 inputs are upcast). Returns [batch, heads, seq, dv] in q.dtype.
+    Equal (to float rounding) to `attend(q, k, v, attention_mask(pos, pos, seg, seg), scale)` with
+    pos = arange(seq) and seg = segment_ids.
     """
-    b, h, t, dk = q.shape
-    if k.ndim != 4 or v.ndim != 4:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"expected 4-d q, k, v; got {q.shape}, {k.shape}, {v.shape}")
+    b, h, t, dk = q.shape
     kvh = k.shape[1]
     if k.shape != (b, kvh, t, dk) or v.shape[:3] != (b, kvh, t):
         raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}")
-    if h % kvh:
+    if kvh == 0 or h % kvh:
         raise ValueError(f"heads ({h}) must be a multiple of kv_heads ({kvh})")
-    if segment_ids is not None and segment_ids.shape != (b, t):
-        raise ValueError(f"segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
+    if segment_ids is not None:
+        if segment_ids.shape != (b, t):
+            raise ValueError(f"segment_ids must be [batch, seq] = {(b, t)}, got {segment_ids.shape}")
+        segment_ids = segment_ids.astype(jnp.int32)
     block = int(block)
     if block < 1:
         raise ValueError(f"block must be positive, got {block}")
     block = min(block, t)
-    pad = (-t) % block
-    if pad:
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        if segment_ids is not None:
-            # padded slots get their own segment; they only ever see themselves and each other
-            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).min)
-    if segment_ids is not None:
-        segment_ids = segment_ids.astype(jnp.int32)
-    o = _attention(q, k, v, segment_ids, float(scale), block)
-    if pad:
-        o = o[:, :, :t]
-    return o
+    if batch_chunk is None:
+        batch_chunk = _auto_chunk(b, h, t, block)
+    batch_chunk = int(batch_chunk)
+    if batch_chunk < 1 or b % batch_chunk:
+        raise ValueError(f"batch_chunk ({batch_chunk}) must divide batch ({b})")
+    out_dtype = q.dtype
+    compute = jnp.promote_types(jnp.promote_types(q.dtype, v.dtype), jnp.float32)
+    q, k, v = q.astype(compute), k.astype(compute), v.astype(compute)
+    return _attention(q, k, v, segment_ids, float(scale), block, batch_chunk).astype(out_dtype)
+
+
+def _auto_chunk(b, h, t, block):
+    """Largest divisor of b with chunk * heads * block * seq <= _CHUNK_SCORES (at least 1)."""
+    best = 1
+    for c in range(1, b + 1):
+        if b % c == 0 and c * h * block * t <= _CHUNK_SCORES:
+            best = c
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------------
-# blocked kernels (t divisible by block). Internal layout: q as [b, kv, g, t, d] (a free reshape of
-# [b, h, t, d]); per query block the g heads and block rows are folded into one row axis m = g*block.
+# custom_vjp over the whole batch; the kernels below run on one batch chunk at a time.
 
 
-def _row_mask(i, block, g, seg):
-    """Visibility of keys 0..(i+1)*block-1 for query block i, broadcastable to [b, kv, g, block, L].
-
-    Returns None when every key is visible (never, for a causal block: the diagonal block needs masking)."""
-    L = (i + 1) * block
-    rows = np.arange(i * block, L)[:, None]
-    cols = np.arange(L)[None, :]
-    mask = jnp.asarray(cols <= rows)[None, None, None]  # [1, 1, 1, block, L] static
-    if seg is not None:
-        sq = seg[:, i * block:L]
-        sk = seg[:, :L]
-        mask = mask & (sq[:, :, None] == sk[:, None, :])[:, None, None]
-    return mask
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, seg, scale, block, chunk):
+    return _attention_fwd(q, k, v, seg, scale, block, chunk)[0]
 
 
-def _q_block(x5, i, block):
-    """x5 [b, kv, g, t, d] -> rows of query block i as [b, kv, g*block, d]."""
-    b, kvh, g, _, d = x5.shape
-    return x5[:, :, :, i * block:(i + 1) * block].reshape(b, kvh, g * block, d)
-
-
-def _scores(qi, k, i, block, g, seg, scale):
-    """Masked f32 scores of query block i, [b, kv, g, block, L]."""
-    L = (i + 1) * block
-    b, kvh = qi.shape[:2]
-    s = jnp.einsum("bkmd,bksd->bkms", qi, k[:, :, :L], preferred_element_type=jnp.float32)
-    s = s.reshape(b, kvh, g, block, L) * scale
-    return jnp.where(_row_mask(i, block, g, seg), s, _MASKED)
-
-
-def _forward(q, k, v, seg, scale, block):
-    b, h, t, dk = q.shape
-    kvh, dv = k.shape[1], v.shape[-1]
-    g, n = h // kvh, t // block
-    q5 = q.reshape(b, kvh, g, t, dk)
-    outs, lses = [], []
-    for i in range(n):
-        L = (i + 1) * block
-        s = _scores(_q_block(q5, i, block), k, i, block, g, seg, scale)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.exp(s - m)
-        l = jnp.sum(p, axis=-1, keepdims=True)
-        p = (p / l).astype(v.dtype).reshape(b, kvh, g * block, L)
-        o = jnp.einsum("bkms,bksd->bkmd", p, v[:, :, :L], preferred_element_type=jnp.float32)
-        outs.append(o.reshape(b, kvh, g, block, dv))
-        lses.append(m[..., 0] + jnp.log(l[..., 0]))  # [b, kv, g, block]
-    o = jnp.concatenate(outs, axis=3).astype(q.dtype).reshape(b, h, t, dv)
-    lse = jnp.concatenate(lses, axis=3)  # [b, kv, g, t] f32
-    return o, lse
-
-
-def _backward(q, k, v, seg, o, lse, do, scale, block):
-    b, h, t, dk = q.shape
-    kvh, dv = k.shape[1], v.shape[-1]
-    g, n = h // kvh, t // block
-    q5 = q.reshape(b, kvh, g, t, dk)
-    do5 = do.reshape(b, kvh, g, t, dv)
-    # D_r = sum_d dO_rd O_rd = sum_s P_rs dP_rs
-    delta = jnp.sum(do5.astype(jnp.float32) * o.reshape(b, kvh, g, t, dv).astype(jnp.float32), axis=-1)
-    dqs = []
-    dk_acc = jnp.zeros(k.shape, jnp.float32)
-    dv_acc = jnp.zeros(v.shape, jnp.float32)
-    for i in range(n):
-        L = (i + 1) * block
-        sl = slice(i * block, L)
-        qi = _q_block(q5, i, block)
-        doi = _q_block(do5, i, block)
-        s = _scores(qi, k, i, block, g, seg, scale)
-        p = jnp.exp(s - lse[:, :, :, sl, None])  # masked entries: exp(-1e30 - lse) = 0
-        dp = jnp.einsum("bkmd,bksd->bkms", doi, v[:, :, :L], preferred_element_type=jnp.float32)
-        dp = dp.reshape(b, kvh, g, block, L)
-        ds = (p * (dp - delta[:, :, :, sl, None]) * scale).astype(q.dtype).reshape(b, kvh, g * block, L)
-        p = p.astype(v.dtype).reshape(b, kvh, g * block, L)
-        dqi = jnp.einsum("bkms,bksd->bkmd", ds, k[:, :, :L], preferred_element_type=jnp.float32)
-        dqs.append(dqi.reshape(b, kvh, g, block, dk))
-        dki = jnp.einsum("bkms,bkmd->bksd", ds, qi, preferred_element_type=jnp.float32)
-        dvi = jnp.einsum("bkms,bkmd->bksd", p, doi, preferred_element_type=jnp.float32)
-        if L < t:
-            dki = jnp.pad(dki, ((0, 0), (0, 0), (0, t - L), (0, 0)))
-            dvi = jnp.pad(dvi, ((0, 0), (0, 0), (0, t - L), (0, 0)))
-        dk_acc = dk_acc + dki
-        dv_acc = dv_acc + dvi
-    dq = jnp.concatenate(dqs, axis=3).reshape(b, h, t, dk).astype(q.dtype)
-    return dq, dk_acc.astype(k.dtype), dv_acc.astype(v.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, seg, scale, block):
-    return _forward(q, k, v, seg, scale, block)[0]
-
-
-def _attention_fwd(q, k, v, seg, scale, block):
-    o, lse = _forward(q, k, v, seg, scale, block)
+def _attention_fwd(q, k, v, seg, scale, block, chunk):
+    o, lse = _chunked(lambda q, k, v, seg: _forward(q, k, v, seg, scale, block), chunk, q, k, v, seg)
     return o, (q, k, v, seg, o, lse)
 
 
-def _attention_bwd(scale, block, res, do):
+def _attention_bwd(scale, block, chunk, res, do):
     q, k, v, seg, o, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, o, lse, do, scale, block)
+    dq, dk, dv = _chunked(lambda q, k, v, o, lse, do, seg: _backward(q, k, v, seg, o, lse, do, scale, block),
+                          chunk, q, k, v, o, lse, do, seg)
     dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
     return dq, dk, dv, dseg
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _chunked(fn, chunk, *xs):
+    """fn over leading-axis chunks of `chunk` rows of xs (None entries passed through), via lax.map."""
+    b = xs[0].shape[0]
+    if chunk >= b:
+        return fn(*xs)
+    nb = b // chunk
+    present = [i for i, x in enumerate(xs) if x is not None]
+
+    def body(parts):
+        args = list(xs)
+        for i, p in zip(present, parts):
+            args[i] = p
+        return fn(*args)
+
+    split = tuple(xs[i].reshape((nb, chunk) + xs[i].shape[1:]) for i in present)
+    out = jax.lax.map(body, split)
+    return jax.tree.map(lambda y: y.reshape((b,) + y.shape[2:]), out)
+
+
+def _blocks(t, block):
+    return [(s, min(s + block, t)) for s in range(0, t, block)]
+
+
+def _visible(s, e, seg):
+    """Keys 0..e-1 visible to queries s..e-1: bool broadcastable to [b, kv, g, e-s, e]."""
+    causal = jnp.asarray(np.arange(e)[None, :] <= np.arange(s, e)[:, None])
+    if seg is None:
+        return causal
+    same = seg[:, s:e, None] == seg[:, None, :e]  # [b, rows, e]
+    return (causal & same)[:, None, None]
+
+
+def _rows(x5, s, e):
+    """x5 [b, kv, g, t, d] -> rows s..e-1 of every head in the group as [b, kv, g*(e-s), d]."""
+    b, kvh, g, _, d = x5.shape
+    return x5[:, :, :, s:e].reshape(b, kvh, g * (e - s), d)
+
+
+def _scores(qi, k, e, g, scale):
+    """Scaled scores [b, kv, g, rows, e] of a query block against keys 0..e-1."""
+    b, kvh, m, _ = qi.shape
+    s = jnp.einsum("bkmd,bksd->bkms", qi, k[:, :, :e])
+    return s.reshape(b, kvh, g, m // g, e) * scale
+
+
+# Kernels: q, k, v share one float dtype (float32 in practice); `seg` is None or int32 [b, t].
+
+
+def _forward(q, k, v, seg, scale, block):
+    """-> o [b, h, t, dv], lse [b, kv, g, t]."""
+    b, h, t, dk = q.shape
+    kvh, dv = k.shape[1], v.shape[-1]
+    g = h // kvh
+    q5 = q.reshape(b, kvh, g, t, dk)
+    outs, lses = [], []
+    for s, e in _blocks(t, block):
+        r = e - s
+        x = jnp.where(_visible(s, e, seg), _scores(_rows(q5, s, e), k, e, g, scale), _MASKED)
+        m = jnp.max(x, axis=-1, keepdims=True)
+        p = jnp.exp(x - m)
+        l = jnp.sum(p, axis=-1)
+        o = jnp.einsum("bkms,bksd->bkmd", p.reshape(b, kvh, g * r, e), v[:, :, :e])
+        outs.append(o.reshape(b, kvh, g, r, dv) / l[..., None])  # normalise the small output, not p
+        lses.append(m[..., 0] + jnp.log(l))
+    o = jnp.concatenate(outs, axis=3).reshape(b, h, t, dv)
+    return o, jnp.concatenate(lses, axis=3)
+
+
+def _backward(q, k, v, seg, o, lse, do, scale, block):
+    b, h, t, dk = q.shape
+    kvh, dv = k.shape[1], v.shape[-1]
+    g = h // kvh
+    q5 = q.reshape(b, kvh, g, t, dk)
+    do5 = do.reshape(b, kvh, g, t, dv)
+    # D_r = sum_d dO_rd O_rd (= sum_s P_rs dP_rs)
+    delta = jnp.sum(do5 * o.reshape(b, kvh, g, t, dv), axis=-1)
+    dqs = []
+    dk_t = jnp.zeros((b, kvh, dk, t), q.dtype)  # accumulated transposed: [d, keys]
+    dv_t = jnp.zeros((b, kvh, dv, t), q.dtype)
+    for s, e in _blocks(t, block):
+        r = e - s
+        qi, doi = _rows(q5, s, e), _rows(do5, s, e)
+        x = _scores(qi, k, e, g, scale)
+        p = jnp.where(_visible(s, e, seg), jnp.exp(x - lse[:, :, :, s:e, None]), 0.0)
+        dp = jnp.einsum("bkmd,bksd->bkms", doi, v[:, :, :e])
+        ds = p * (dp.reshape(b, kvh, g, r, e) - delta[:, :, :, s:e, None])  # dL/dx, without the scale
+        ds = ds.reshape(b, kvh, g * r, e)
+        p = p.reshape(b, kvh, g * r, e)
+        dq = jnp.einsum("bkms,bksd->bkmd", ds, k[:, :, :e])
+        dqs.append(dq.reshape(b, kvh, g, r, dk))
+        # dK^T = Q^T dS, dV^T = dO^T P with Q^T, dO^T materialised (else XLA folds them into a slow dot)
+        qi_t, doi_t = jax.lax.optimization_barrier((jnp.swapaxes(qi, 2, 3), jnp.swapaxes(doi, 2, 3)))
+        pad = ((0, 0), (0, 0), (0, 0), (0, t - e))
+        dk_t = dk_t + jnp.pad(jnp.einsum("bkdm,bkms->bkds", qi_t, ds), pad)
+        dv_t = dv_t + jnp.pad(jnp.einsum("bkdm,bkms->bkds", doi_t, p), pad)
+    dq = (jnp.concatenate(dqs, axis=3) * scale).reshape(b, h, t, dk)
+    return dq, jnp.swapaxes(dk_t, 2, 3) * scale, jnp.swapaxes(dv_t, 2, 3)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import MASKED, attend, write_cache
+from model.attention import MASKED, self_attention, write_cache
 from model.config import ModelConfig
 from model.layers import KeyGen, RMSNorm, dtype_of, param
 from model.rope import apply_rope
@@ -74,7 +74,7 @@ class MLA(nnx.Module):
             k_r = jnp.broadcast_to(k_rope[:, None], k_nope.shape[:3] + (m.qk_rope_head_dim,))
             q = jnp.concatenate([q_nope, q_rope], axis=-1)
             k = jnp.concatenate([k_nope, k_r], axis=-1)
-            o = attend(q, k, v, mask, cfg.attn_scale)
+            o = self_attention(q, k, v, mask_info, cfg.attn_scale)
         y = jnp.einsum("bhtk,hkd->btd", o, self.o_proj[...].astype(x.dtype))
         return y, cache
 

@@ -85,17 +85,19 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         dt = dtype_of(cfg.compute_dtype)
         if cache is None:
-            index = 0
+            # causal by index within segments; padding (position -1) forms its own segment
+            index, mask = 0, None
+            if segment_ids is None and positions is not None:
+                segment_ids = (positions >= 0).astype(jnp.int32)
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            kv_pos = positions
         else:
             index = cache["index"]
             if positions is None:
                 positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions.astype(jnp.int32), (0, index))
-        mask = attention_mask(positions, kv_pos, segment_ids, segment_ids if cache is None else None)
-        mask_info = {"mask": mask, "index": index}
+            mask = attention_mask(positions, kv_pos)
+        mask_info = {"mask": mask, "index": index, "segment_ids": segment_ids}
         rope = rope_tables(cfg.rope, cfg.rope_dim, cfg.max_seq_len, positions)
 
         def run(layer, x, layer_cache):
@@ -174,7 +176,11 @@ def forward(cfg: ModelConfig, params: nnx.State, tokens, positions=None, cache=N
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
-    """An empty KV cache: per layer head-major buffers; `pos` [batch, max_len] = -1 marks empty slots."""
+    """An empty KV cache: per layer head-major buffers; `pos` [batch, max_len] = -1 marks empty slots.
+
+    Inside jit, `forward` cannot check that decoding stays within `max_len` (writes past the end clamp onto
+    the last slot): the caller sizes the cache for prompt + new tokens, as `rl.sampler` does.
+    """
     dt = dtype_of(dtype or cfg.compute_dtype)
     layer_cls = MLA if cfg.mla else Attention
     return {"index": jnp.zeros((), jnp.int32), "pos": jnp.full((batch, max_len), -1, jnp.int32),
@@ -198,6 +204,9 @@ def update_router_bias(cfg: ModelConfig, params: nnx.State, expert_load) -> nnx.
         return params
     flat = dict(nnx.to_flat_state(params))
     paths = sorted((p for p, v in flat.items() if isinstance(v, RouterBias)), key=_order)
+    if len(paths) != len(expert_load):
+        raise ValueError(f"expert_load has {len(expert_load)} rows but the model has {len(paths)} MoE layers "
+                         "(was the forward pass run with_mtp=False?)")
     for path, load in zip(paths, expert_load):
         v = flat[path]
         flat[path] = v.replace(bias_update(v[...], load, cfg.moe.bias_update_rate))

@@ -21,7 +21,7 @@ from train.step import Trainer, split_trainable
 
 CFG = tiny_deepseek(vocab_size=64, d_model=32, n_layers=2, mtp_depth=1)
 # lr 1e-3: Adam turns float reassociation noise in near-zero gradients into updates of size ~lr
-OPT = OptimConfig(lr=1e-3, warmup_steps=0)
+OPT = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

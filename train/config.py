@@ -21,7 +21,7 @@ class OptimConfig:
     lr: float = 3e-3
     warmup_steps: int = 20
     schedule: str = "cosine"  # 'cosine' | 'constant'
-    total_steps: int = 1000  # cosine horizon
+    total_steps: int = 0  # cosine horizon; 0 = the run's length (set by the run loop)
     final_lr_frac: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -37,7 +37,7 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.schedule in ("cosine", "constant"), "optim.schedule",
                f"must be 'cosine' or 'constant', got {self.schedule!r}")
-        _check(self.total_steps > 0, "optim.total_steps", f"must be > 0, got {self.total_steps}")
+        _check(self.total_steps >= 0, "optim.total_steps", f"must be >= 0, got {self.total_steps}")
         _check(0 <= self.final_lr_frac <= 1, "optim.final_lr_frac", f"must be in [0, 1], got {self.final_lr_frac}")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", f"must be in [0, 1), got {self.b1}, {self.b2}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")

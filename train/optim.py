@@ -12,6 +12,8 @@ def schedule(cfg: OptimConfig):
     warm = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
     if cfg.schedule == "constant":
         rest = optax.constant_schedule(cfg.lr)
+    elif cfg.total_steps == 0:
+        raise ValueError("optim.total_steps: the cosine schedule needs a horizon (the run loop sets it to `steps`)")
     else:
         rest = optax.cosine_decay_schedule(cfg.lr, max(cfg.total_steps - cfg.warmup_steps, 1), alpha=cfg.final_lr_frac)
     return optax.join_schedules([warm, rest], [cfg.warmup_steps])

@@ -93,13 +93,19 @@ class Trainer:
         trainable, rest = split_trainable(params)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        params = nnx.merge_state(trainable, rest)
+        new_params = nnx.merge_state(optax.apply_updates(trainable, updates), rest)
         metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "tokens": denominator}
         if load is not None:
-            params = update_router_bias(self.cfg, params, load)
+            new_params = update_router_bias(self.cfg, new_params, load)
             metrics["expert_load"] = load / jnp.sum(load, axis=-1, keepdims=True)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        # a non-finite loss or gradient skips the update (the step counter still advances)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = {"params": jax.tree.map(lambda a, b: jnp.where(ok, a, b), new["params"], params),
+               "opt_state": jax.tree.map(lambda a, b: jnp.where(ok, a, b), new["opt_state"], state["opt_state"]),
+               "step": new["step"]}
+        metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+        return new, metrics
 
     def step(self, state, batch):
         """One optimizer step. batch arrays [batch, seq], placed (or resharded) onto the mesh."""

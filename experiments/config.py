@@ -1,0 +1,61 @@
+"""The typed configuration of an experiment: model, mesh, data, optimizer, loss, checkpoints, run length.
+
+An experiment file defines `config() -> Experiment` (and optionally `main(exp)` for a pipeline other than
+plain pretraining). Every field can be overridden from the command line with a dotted `key=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from model.config import ModelConfig
+from sharding.mesh import MeshConfig
+from train.config import LossConfig, OptimConfig
+from train.data import DataConfig
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # save every N steps (and at the end); 0 saves only at the end
+    keep: int = 3  # keep the last K
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every: must be >= 0, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep: must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: str = ""  # default: runs/<name>
+    steps: int = 200
+    batch_size: int = 16  # global, in sequences
+    seed: int = 0
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+
+    @property
+    def directory(self) -> str:
+        return self.run_dir or f"runs/{self.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,140 @@
+"""Runs: exact resume (bit for bit), SIGKILL mid-training, corrupted checkpoints, overrides, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments.overrides import OverrideError, apply_overrides
+from experiments.run import load_experiment
+from train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "experiments", "tiny_pretrain.py")
+# a smaller model than the experiment's, so the run tests compile quickly
+SMALL = ["model.d_model=64", "model.n_layers=2", "model.vocab_size=320", "data.seq_len=32", "batch_size=8",
+         "progress=false"]
+
+
+def _exp(run_dir, *extra):
+    return load_experiment(TINY, SMALL + [f"run_dir={run_dir}", *extra])[1]
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from train.loop import pretrain
+    d = str(tmp_path_factory.mktemp("full"))
+    pretrain(_exp(d, "steps=8", "checkpoint.every=2"))
+    return d
+
+
+def _final_fingerprint(run_dir):
+    from train.checkpoint import Checkpointer
+    c = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    meta = c.read_meta(c.steps()[-1])
+    c.close()
+    return meta["step"], meta["fingerprint"]
+
+
+def test_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    from train.loop import pretrain
+    d = str(tmp_path)
+    pretrain(_exp(d, "steps=5", "checkpoint.every=2"))  # stops after step 5 (checkpoints at 2, 4, 5)
+    pretrain(_exp(d, "steps=8", "checkpoint.every=2"))  # resumes from 5
+    assert _losses(d) == _losses(uninterrupted)
+    assert _final_fingerprint(d) == _final_fingerprint(uninterrupted)
+
+
+def test_sigkill_then_resume(uninterrupted, tmp_path):
+    d = str(tmp_path)
+    cmd = [sys.executable, "-m", "experiments.run", TINY, *SMALL, f"run_dir={d}", "steps=8", "checkpoint.every=2"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = os.path.join(d, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(d) == _losses(uninterrupted)
+    assert _final_fingerprint(d) == _final_fingerprint(uninterrupted)
+
+
+def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path, caplog):
+    import shutil
+
+    from train.loop import pretrain
+    d = str(tmp_path / "run")
+    shutil.copytree(uninterrupted, d)
+    ck = os.path.join(d, "checkpoints", "8", "state")
+    victims = [os.path.join(r, f) for r, _, fs in os.walk(ck) for f in fs if os.path.getsize(os.path.join(r, f)) > 64]
+    assert victims
+    for v in victims:  # flip bytes in the middle of every data file
+        with open(v, "r+b") as fh:
+            fh.seek(os.path.getsize(v) // 2)
+            chunk = fh.read(16)
+            fh.seek(os.path.getsize(v) // 2)
+            fh.write(bytes(b ^ 0xFF for b in chunk))
+    with caplog.at_level("WARNING"):
+        pretrain(_exp(d, "steps=8", "checkpoint.every=2"))
+    assert any("step 8" in r.message and "unusable" in r.message for r in caplog.records)
+    assert _losses(d) == _losses(uninterrupted)  # steps 7..8 were recomputed from step 6
+
+
+def test_incompatible_checkpoint_is_refused_and_untouched(uninterrupted, tmp_path):
+    import shutil
+
+    from train.loop import RunError, pretrain
+    d = str(tmp_path / "run")
+    shutil.copytree(uninterrupted, d)
+    before = sorted(os.listdir(os.path.join(d, "checkpoints")))
+    with pytest.raises(RunError, match=r"model\.d_model: checkpoint has 64, this run has 96"):
+        pretrain(_exp(d, "steps=10", "model.d_model=96"))
+    assert sorted(os.listdir(os.path.join(d, "checkpoints"))) == before
+
+
+def test_overrides_are_type_checked_and_suggest_names():
+    _, exp = load_experiment(TINY, ["steps=7", "optim.lr=1e-3", "mesh.data=2", "checkpoint.every=3", "seed=4"])
+    assert (exp.steps, exp.optim.lr, exp.mesh.data, exp.checkpoint.every, exp.seed) == (7, 1e-3, 2, 3, 4)
+    with pytest.raises(OverrideError, match=r"unknown key 'optim.lrr'; did you mean optim.lr"):
+        apply_overrides(exp, ["optim.lrr=1"])
+    with pytest.raises(OverrideError, match=r"steps='ten': expected an int"):
+        apply_overrides(exp, ["steps=ten"])
+    with pytest.raises(OverrideError, match="not of the form key=value"):
+        apply_overrides(exp, ["steps"])
+    # several fields validated together: heads and kv heads changed in one go
+    both = apply_overrides(exp, ["model.n_heads=6", "model.n_kv_heads=3"])
+    assert (both.model.n_heads, both.model.n_kv_heads) == (6, 3)
+    with pytest.raises(ValueError, match="mesh.tensor"):
+        apply_overrides(exp, ["mesh.tensor=0"])
+
+
+def test_cli_reports_bad_override_without_running(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.run", TINY, f"run_dir={tmp_path}", "optim.lrr=1"]
+    out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean optim.lr" in out.stderr
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_run_writes_metrics_plots_and_events(uninterrupted):
+    rows = read_metrics(uninterrupted)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in ("loss", "tokens_per_s", "mfu", "ce", "mtp", "grad_norm"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(uninterrupted, "tb")))
+    cfg = json.load(open(os.path.join(uninterrupted, "config.json")))
+    assert cfg["model"]["d_model"] == 64

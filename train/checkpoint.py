@@ -1,0 +1,106 @@
+"""Orbax checkpoints of a whole run: train state, RNG, data-iterator state, config; exact resume.
+
+Each step directory holds three items: 'state' (params, optimizer state, step — sharded arrays),
+'meta' (JSON: step, config, RNG key data, data-iterator state, and a fingerprint of every array), and is
+written asynchronously; orbax commits a step atomically (temporary directory, then rename), so a process
+killed at any moment leaves the previous steps intact. On restore the fingerprints are recomputed: a
+truncated or corrupted latest step is reported with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@jax.jit
+def _fingerprints(tree):
+    """One uint32 per leaf: the sum (mod 2**32) of its bits viewed as uint32, position-weighted."""
+    def fp(x):
+        x = jnp.asarray(x)
+        if x.dtype.itemsize != 4:
+            x = x.astype(jnp.float32)
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+        weights = jnp.arange(1, words.size + 1, dtype=jnp.uint32) * jnp.uint32(2654435761)
+        return jnp.sum(words * weights + (words >> 7), dtype=jnp.uint32)
+
+    return [fp(x) for x in jax.tree.leaves(tree)]
+
+
+def fingerprint(tree) -> list[int]:
+    return [int(v) for v in _fingerprints(tree)]
+
+
+def is_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
+
+
+class Checkpointer:
+    """Save every `every` steps, keep the last `keep`; restore the newest intact step onto any mesh."""
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def save(self, step: int, state, meta: dict) -> bool:
+        """Start saving (asynchronously). A non-finite state is refused (returns False) and never written."""
+        if not is_finite(state["params"]):
+            log.error("step %d: parameters are not finite; checkpoint not written", step)
+            return False
+        meta = dict(meta, step=int(step), fingerprint=fingerprint(state))
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
+        return True
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, abstract_state):
+        """-> (state, meta) of the newest step that restores and verifies, or None if there is none.
+
+        abstract_state: a pytree of jax.ShapeDtypeStruct with the target shardings (any mesh).
+        """
+        for step in reversed(self.steps()):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                state, meta = out["state"], out["meta"]
+                if fingerprint(state) != meta["fingerprint"]:
+                    raise CheckpointError("array fingerprints do not match (corrupted data)")
+                return state, meta
+            except Exception as e:  # corrupted, truncated or from another config
+                log.warning("checkpoint step %d in %s is unusable (%s: %s); trying the previous one",
+                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
+        return None
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def key_data(key) -> list[int]:
+    return np.asarray(jax.random.key_data(key)).tolist()
+
+
+def key_from_data(data) -> jax.Array:
+    return jax.random.wrap_key_data(np.asarray(data, np.uint32))
