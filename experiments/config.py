@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from model.config import ModelConfig
 from sharding.mesh import MeshConfig
 from train.config import LossConfig, OptimConfig
+from rl.grpo import GRPOConfig
 from train.data import DataConfig
 
 
@@ -52,6 +53,45 @@ class Experiment:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+
+    @property
+    def directory(self) -> str:
+        return self.run_dir or f"runs/{self.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RLExperiment:
+    """GRPO from a base model: prompts with gold answers, rule-based rewards, the GRPO family's knobs."""
+
+    name: str
+    model: ModelConfig
+    prompts: DataConfig  # records with data.prompt_field and 'answer'; rendered with data.chat_template
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5, schedule="constant",
+                                                                   weight_decay=0.0))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=20))
+    rewards: tuple[str, ...] = ("format", "accuracy")  # names in rl.rewards.REWARDS
+    reward_weights: tuple[float, ...] = (1.0, 1.0)
+    init_from: str = ""  # a pretraining run_dir (its newest checkpoint), an HF checkpoint dir, or '' (random)
+    max_prompt_len: int = 64  # prompt tokens (left-truncated); fixed so rollouts compile once
+    run_dir: str = ""
+    steps: int = 50
+    seed: int = 0
+    max_bad_steps: int = 5
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if len(self.rewards) != len(self.reward_weights):
+            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.max_prompt_len < 1:
+            raise ValueError(f"max_prompt_len: must be >= 1, got {self.max_prompt_len}")
 
     @property
     def directory(self) -> str:

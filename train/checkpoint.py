@@ -58,7 +58,7 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> bool:
         """Start saving (asynchronously). A non-finite state is refused (returns False) and never written."""
-        if not is_finite(state["params"]):
+        if not is_finite(state):
             log.error("step %d: parameters are not finite; checkpoint not written", step)
             return False
         meta = dict(meta, step=int(step), fingerprint=fingerprint(state))

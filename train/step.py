@@ -34,8 +34,12 @@ def _micro(batch, n):
 class Trainer:
     """Builds the sharded state and the compiled step for one (model, optimizer, loss, mesh, rules)."""
 
-    def __init__(self, cfg: ModelConfig, ocfg: OptimConfig, lcfg: LossConfig, mesh: Mesh, rules=DEFAULT_RULES):
+    def __init__(self, cfg: ModelConfig, ocfg: OptimConfig, lcfg: LossConfig, mesh: Mesh, rules=DEFAULT_RULES,
+                 loss_fn=None):
+        """loss_fn(params, batch, denominator, n_micro) -> (total, parts dict, expert_load or None);
+        default: the language-model loss of train.losses (RL passes its policy loss here)."""
         self.cfg, self.ocfg, self.lcfg, self.mesh, self.rules = cfg, ocfg, lcfg, mesh, rules
+        self.loss_fn = loss_fn or (lambda params, batch, den, n: lm_loss(cfg, lcfg, params, batch, den, n))
         self._check_divisible()
         with use_rules(mesh, rules):
             abstract = jax.eval_shape(lambda: init_params(cfg, 0))
@@ -67,8 +71,7 @@ class Trainer:
         trainable, rest = split_trainable(params)
 
         def loss_fn(tr):
-            total, parts, load = lm_loss(self.cfg, self.lcfg, nnx.merge_state(tr, rest), batch, denominator,
-                                         self.lcfg.micro_batches)
+            total, parts, load = self.loss_fn(nnx.merge_state(tr, rest), batch, denominator, self.lcfg.micro_batches)
             return total, (parts, load)
 
         (loss, (parts, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -109,7 +112,7 @@ class Trainer:
 
     def step(self, state, batch):
         """One optimizer step. batch arrays [batch, seq], placed (or resharded) onto the mesh."""
-        bsz = batch["inputs"].shape[0]
+        bsz = batch["loss_mask"].shape[0]
         check_batch(bsz, self.mesh, self.rules)
         if bsz % self.lcfg.micro_batches:
             raise ShardingError(f"batch size {bsz} is not divisible by loss.micro_batches={self.lcfg.micro_batches}")

@@ -1,0 +1,157 @@
+"""The GRPO family as small registered functions (algorithms.md §1).
+
+- advantages: 'grpo' (group mean/std, DeepSeekMath), 'dr_grpo' (mean only), 'rloo' (leave-one-out);
+- policy losses: 'ppo_clip' (per-token ratio, clip-higher with ε_low/ε_high), 'gspo' (one length-normalised
+  ratio per sequence, GSPO-token gradient);
+- aggregation: 'seq_mean_token_mean' (GRPO), 'token_mean' (DAPO), 'seq_mean_token_sum_norm' (Dr.GRPO's
+  constant normaliser L_max);
+- k3 KL to a reference policy with weight β (added per token, inside the aggregation).
+A configuration picks one of each by name; adding a variant is one decorated function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+ADVANTAGES, POLICY_LOSSES, AGGREGATIONS = {}, {}, {}
+
+
+def _register(table, name):
+    def deco(fn):
+        table[name] = fn
+        return fn
+    return deco
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Fields follow TRL's GRPOConfig where they overlap."""
+
+    num_generations: int = 8  # G: samples per prompt
+    prompts_per_step: int = 16  # prompts (groups) per rollout batch
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling and scoring temperature
+    top_p: float = 1.0
+    top_k: int = 0
+    advantage: str = "grpo"  # 'grpo' | 'dr_grpo' | 'rloo'
+    policy_loss: str = "ppo_clip"  # 'ppo_clip' | 'gspo'
+    loss_agg: str = "seq_mean_token_mean"  # | 'token_mean' (DAPO) | 'seq_mean_token_sum_norm' (Dr.GRPO)
+    epsilon_low: float = 0.2  # clip range below 1 (DAPO: 0.2)
+    epsilon_high: float = 0.2  # clip range above 1 (DAPO clip-higher: 0.28; GSPO: 4e-4 with low 3e-4)
+    beta: float = 0.0  # k3 KL weight; 0 needs no reference model
+    ref_reset_every: int = 0  # reset the reference to the policy every K steps (R1: 400); 0 = never
+    num_iterations: int = 1  # μ: passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
+    max_resample_rounds: int = 4
+    mask_truncated: bool = False  # DAPO overlong filtering: no loss on truncated samples
+    overlong_cache: int = 0  # DAPO soft overlong penalty L_cache (0 = off); L_max = max_new_tokens
+    std_eps: float = 1e-6
+
+    def __post_init__(self):
+        def check(ok, name, msg):
+            if not ok:
+                raise ValueError(f"grpo.{name}: {msg}")
+        check(self.num_generations >= 2, "num_generations", f"needs >= 2 samples per group, got {self.num_generations}")
+        check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.advantage in ADVANTAGES, "advantage", f"unknown {self.advantage!r}; one of {sorted(ADVANTAGES)}")
+        check(self.policy_loss in POLICY_LOSSES, "policy_loss",
+              f"unknown {self.policy_loss!r}; one of {sorted(POLICY_LOSSES)}")
+        check(self.loss_agg in AGGREGATIONS, "loss_agg", f"unknown {self.loss_agg!r}; one of {sorted(AGGREGATIONS)}")
+        check(self.epsilon_low >= 0 and self.epsilon_high >= 0, "epsilon_low/high", "must be >= 0")
+        check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        check(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
+        batch = self.num_generations * self.prompts_per_step
+        check(self.mini_batches >= 1 and batch % self.mini_batches == 0, "mini_batches",
+              f"{self.mini_batches} does not divide the rollout batch {batch}")
+        check(0 <= self.overlong_cache < self.max_new_tokens, "overlong_cache",
+              f"must be in [0, max_new_tokens={self.max_new_tokens}), got {self.overlong_cache}")
+
+
+# ---- advantages: rewards [groups, G] -> [groups, G] -----------------------------------------------------------
+
+@_register(ADVANTAGES, "grpo")
+def grpo_advantage(r, eps):
+    std = jnp.std(r, axis=1, keepdims=True, ddof=1)
+    return (r - r.mean(1, keepdims=True)) / (std + eps)
+
+
+@_register(ADVANTAGES, "dr_grpo")
+def dr_grpo_advantage(r, eps):
+    return r - r.mean(1, keepdims=True)
+
+
+@_register(ADVANTAGES, "rloo")
+def rloo_advantage(r, eps):
+    g = r.shape[1]
+    return (r - r.mean(1, keepdims=True)) * g / (g - 1)
+
+
+# ---- per-token policy objective: -> (loss [B, T], ratio [B, T]) -------------------------------------------------
+
+def _clipped(ratio, adv, lo, hi):
+    return -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - lo, 1 + hi) * adv)
+
+
+@_register(POLICY_LOSSES, "ppo_clip")
+def ppo_clip_loss(logp, old_logp, adv, mask, lo, hi):
+    ratio = jnp.exp(logp - old_logp)
+    return _clipped(ratio, adv[:, None], lo, hi), ratio
+
+
+@_register(POLICY_LOSSES, "gspo")
+def gspo_loss(logp, old_logp, adv, mask, lo, hi):
+    n = jnp.maximum(mask.sum(1), 1.0)
+    seq_ratio = jnp.exp(jnp.sum((logp - old_logp) * mask, axis=1) / n)  # s_i
+    # GSPO-token: value s_i, gradient of s_i·log π per token
+    ratio = jax.lax.stop_gradient(seq_ratio)[:, None] * jnp.exp(logp - jax.lax.stop_gradient(logp))
+    return _clipped(ratio, adv[:, None], lo, hi), ratio
+
+
+# ---- aggregation of per-token losses [B, T] with mask [B, T] -> scalar ------------------------------------------
+
+@_register(AGGREGATIONS, "seq_mean_token_mean")
+def seq_mean_token_mean(loss, mask):
+    return jnp.mean(jnp.sum(loss * mask, 1) / jnp.maximum(mask.sum(1), 1.0))
+
+
+@_register(AGGREGATIONS, "token_mean")
+def token_mean(loss, mask):
+    return jnp.sum(loss * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
+@_register(AGGREGATIONS, "seq_mean_token_sum_norm")
+def seq_mean_token_sum_norm(loss, mask):
+    return jnp.sum(loss * mask) / (mask.shape[0] * mask.shape[1])
+
+
+def k3_kl(logp, ref_logp):
+    """Schulman's k3 estimator of KL(π || π_ref), per token, >= 0."""
+    d = jnp.clip(ref_logp - logp, -20.0, 20.0)
+    return jnp.exp(d) - d - 1.0
+
+
+def policy_objective(cfg: GRPOConfig, logp, old_logp, ref_logp, adv, mask):
+    """The loss of one mini-batch and its diagnostics.
+
+    logp, old_logp, ref_logp (or None), mask: [B, T]; adv: [B]. Returns (loss, metrics).
+    """
+    tok_loss, ratio = POLICY_LOSSES[cfg.policy_loss](logp, old_logp, adv, mask, cfg.epsilon_low, cfg.epsilon_high)
+    metrics = {}
+    if cfg.beta > 0:
+        kl = k3_kl(logp, ref_logp)
+        tok_loss = tok_loss + cfg.beta * kl
+        metrics["kl"] = token_mean(kl, mask)
+    loss = AGGREGATIONS[cfg.loss_agg](tok_loss, mask)
+    a = adv[:, None]
+    low = (ratio < 1 - cfg.epsilon_low) & (a < 0)
+    high = (ratio > 1 + cfg.epsilon_high) & (a > 0)
+    metrics["clip_frac_low"] = token_mean(low.astype(jnp.float32), mask)
+    metrics["clip_frac_high"] = token_mean(high.astype(jnp.float32), mask)
+    metrics["ratio_mean"] = token_mean(jax.lax.stop_gradient(ratio), mask)
+    return loss, metrics

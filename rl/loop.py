@@ -1,0 +1,248 @@
+"""The GRPO loop: sample G answers per prompt, score them with rules, reinforce what worked.
+
+One iteration (algorithms.md §1):
+    prompts -> rl.sampler.generate (the training params, the same forward) -> rewards (+ soft overlong
+    penalty) -> [dynamic sampling: keep groups whose rewards differ, refill] -> advantages ->
+    old log-probs (teacher-forced, only when μ > 1 or several mini-batches) and reference log-probs (β > 0)
+    -> μ passes of mini-batch updates through train.step.Trainer with the GRPO objective.
+The RL state (params, optimizer, step, reference params, RNG, prompt order) checkpoints and resumes like
+pretraining. Metrics go to run_dir/metrics.jsonl each step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.hf import load_hf
+from rl.grpo import ADVANTAGES, policy_objective, token_mean
+from rl.logprobs import completion_logprobs
+from rl.sampler import generate
+from rl.tasks import PromptSource, encode_prompts
+from sharding import make_mesh
+from sharding.distributed import initialize
+from train.checkpoint import Checkpointer, key_data, key_from_data
+from train.config import LossConfig, OptimConfig
+from train.data import load_tokenizer, validate_vocab
+from train.metrics import MetricsWriter, plot_metrics
+from train.step import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def reward_function(names, weights):
+    from rl.rewards import REWARDS, combine
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown:
+        raise ValueError(f"rewards: unknown {unknown}; known: {sorted(REWARDS)}")
+    return combine({n: (REWARDS[n], w) for n, w in zip(names, weights)})
+
+
+def load_base_params(path: str, trainer: Trainer):
+    """Params from a pretraining run directory (newest intact checkpoint) or an HF checkpoint directory."""
+    if os.path.exists(os.path.join(path, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+        _, params = load_hf(path)
+        return params
+    with open(os.path.join(path, "config.json")) as fh:
+        saved = json.load(fh)
+    base = Trainer(trainer.cfg, OptimConfig(**saved["optim"]), LossConfig(**saved["loss"]), trainer.mesh)
+    state = base.init_state(0)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"))
+    restored = ckpt.restore(abstract)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"init_from={path!r}: no usable checkpoint under {path}/checkpoints")
+    return restored[0]["params"]
+
+
+class GRPO:
+    def __init__(self, exp, records=None):
+        self.exp, g = exp, exp.grpo
+        self.tok = load_tokenizer(exp.prompts.tokenizer)
+        validate_vocab(self.tok, exp.model.vocab_size)
+        self.mesh = make_mesh(exp.mesh)
+        self.trainer = Trainer(exp.model, exp.optim, LossConfig(), self.mesh, loss_fn=self._loss)
+        self.source = PromptSource(exp.prompts, records, seed=exp.seed)
+        self.reward = reward_function(exp.rewards, exp.reward_weights)
+        self.batch = g.prompts_per_step * g.num_generations
+        self._score = jax.jit(partial(completion_logprobs, exp.model, temperature=g.temperature))
+
+    # ---- the objective, inside the jitted train step ----------------------------------------------------------
+    def _loss(self, params, batch, denominator, n_micro):
+        g = self.exp.grpo
+        logp, entropy, aux = completion_logprobs(self.exp.model, params, batch["prompts"], batch["prompt_lens"],
+                                                 batch["completions"], g.temperature, with_entropy=True)
+        # π_old = π_θ on the first mini-batch after sampling: exactly ratio 1 there
+        old = jnp.where(batch["first"][:, None] > 0, jax.lax.stop_gradient(logp), batch["old_logp"])
+        loss, metrics = policy_objective(g, logp, old, batch.get("ref_logp"), batch["adv"], batch["loss_mask"])
+        metrics["entropy"] = token_mean(jax.lax.stop_gradient(entropy), batch["loss_mask"])
+        return loss, metrics, aux.get("expert_load")
+
+    # ---- rollouts -----------------------------------------------------------------------------------------------
+    def _sample(self, params, rng):
+        g = self.exp.grpo
+        recs = self.source.take(g.prompts_per_step)
+        prompts, lens = encode_prompts(self.tok, [r["prompt_text"] for r in recs], self.exp.max_prompt_len)
+        prompts, lens = np.repeat(prompts, g.num_generations, 0), np.repeat(lens, g.num_generations, 0)
+        stop = (tuple(self.tok.encode("</answer>")),)
+        out = jax.device_get(generate(self.exp.model, params, prompts, lens, g.max_new_tokens, g.temperature, rng,
+                                      top_k=g.top_k, top_p=g.top_p, eos_id=self.tok.eos_id, stop_sequences=stop,
+                                      pad_id=self.tok.pad_id or 0, mesh=self.mesh))
+        texts = [self.tok.decode([int(t) for t in row[:n] if t != self.tok.eos_id], skip_special_tokens=False)
+                 for row, n in zip(out.tokens, out.lengths)]
+        fields = {k: [r.get(k) for r in recs for _ in range(g.num_generations)] for k in recs[0]}
+        total, parts = self.reward(texts, **fields)
+        rewards = np.asarray(total, np.float32)
+        if g.overlong_cache:
+            from rl.rewards import soft_overlong_penalty
+            rewards = rewards + np.asarray(soft_overlong_penalty(out.lengths, g.max_new_tokens, g.overlong_cache))
+        return {"prompts": prompts, "prompt_lens": lens, "completions": np.asarray(out.tokens),
+                "lengths": np.asarray(out.lengths), "truncated": np.asarray(out.truncated), "rewards": rewards,
+                "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": texts}
+
+    def rollout(self, params, rng):
+        """A full rollout batch; with dynamic sampling, groups with equal rewards are replaced while possible."""
+        g = self.exp.grpo
+        rng, key = jax.random.split(rng)
+        roll = self._sample(params, key)
+        zero_std = _zero_std(roll["rewards"], g.num_generations)
+        frac_zero = float(zero_std.mean())
+        for _ in range(g.max_resample_rounds if g.dynamic_sampling else 0):
+            if not zero_std.any():
+                break
+            rng, key = jax.random.split(rng)
+            extra = self._sample(params, key)
+            ok = ~_zero_std(extra["rewards"], g.num_generations)
+            slots, donors = np.flatnonzero(zero_std), np.flatnonzero(ok)
+            for s, d in zip(slots, donors):
+                _copy_group(roll, extra, s, d, g.num_generations)
+                zero_std[s] = False
+        roll["zero_std_frac"] = frac_zero
+        return roll, rng
+
+    # ---- one iteration ------------------------------------------------------------------------------------------
+    def iteration(self, state, ref, rng):
+        g, G = self.exp.grpo, self.exp.grpo.num_generations
+        t0 = time.perf_counter()
+        roll, rng = self.rollout(state["params"], rng)
+        t_roll = time.perf_counter() - t0
+        adv = np.asarray(ADVANTAGES[g.advantage](jnp.asarray(roll["rewards"]).reshape(-1, G), g.std_eps)).reshape(-1)
+        n = roll["completions"].shape[1]
+        mask = (np.arange(n)[None, :] < roll["lengths"][:, None]).astype(np.float32)
+        if g.mask_truncated:
+            mask *= ~roll["truncated"][:, None]
+        batch = {"prompts": roll["prompts"], "prompt_lens": roll["prompt_lens"], "completions": roll["completions"],
+                 "adv": adv.astype(np.float32), "loss_mask": mask, "first": np.zeros(self.batch, np.float32)}
+        args = (roll["prompts"], roll["prompt_lens"], roll["completions"])
+        t1 = time.perf_counter()
+        needs_old = g.num_iterations > 1 or g.mini_batches > 1
+        batch["old_logp"] = (np.asarray(self._score(state["params"], *args)[0]) if needs_old
+                             else np.zeros_like(mask))
+        if g.beta > 0:
+            batch["ref_logp"] = np.asarray(self._score(ref, *args)[0])
+        t_score = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        size = self.batch // g.mini_batches
+        updates = []
+        for epoch in range(g.num_iterations):
+            order = np.arange(self.batch) if epoch == 0 else np.random.default_rng([self.exp.seed, epoch]).permutation(self.batch)
+            for k in range(g.mini_batches):
+                idx = order[k * size:(k + 1) * size]
+                mb = {key: v[idx] for key, v in batch.items()}
+                mb["first"][:] = 1.0 if (epoch == 0 and k == 0) else 0.0
+                state, m = self.trainer.step(state, mb)
+                updates.append(jax.device_get(m))
+        t_update = time.perf_counter() - t2
+        first = updates[0]
+        metrics = {
+            "reward": float(roll["rewards"].mean()),
+            **{f"reward_{k}": float(v.mean()) for k, v in roll["parts"].items()},
+            "accuracy": float(roll["parts"].get("accuracy", roll["rewards"]).mean()),
+            "format_rate": float(roll["parts"]["format"].mean()) if "format" in roll["parts"] else float("nan"),
+            "response_len_mean": float(roll["lengths"].mean()), "response_len_max": float(roll["lengths"].max()),
+            "truncated_frac": float(roll["truncated"].mean()), "zero_std_frac": roll["zero_std_frac"],
+            "entropy": float(first["entropy"]), "kl": float(first.get("kl", 0.0)),
+            "clip_frac_low": float(np.mean([u["clip_frac_low"] for u in updates])),
+            "clip_frac_high": float(np.mean([u["clip_frac_high"] for u in updates])),
+            "first_ratio_mean": float(first["ratio_mean"]), "first_clip_frac": float(first["clip_frac_low"] +
+                                                                                     first["clip_frac_high"]),
+            "loss": float(np.mean([u["loss"] for u in updates])),
+            "grad_norm": float(np.mean([u["grad_norm"] for u in updates])),
+            "skipped": float(max(u["skipped"] for u in updates)),
+            "time_rollout": t_roll, "time_score": t_score, "time_update": t_update,
+        }
+        if "expert_load" in first:
+            metrics["expert_load"] = updates[-1]["expert_load"]
+        return state, rng, metrics, roll
+
+
+def _zero_std(rewards, g):
+    r = rewards.reshape(-1, g)
+    return np.all(r == r[:, :1], axis=1)
+
+
+def _copy_group(dst, src, slot, donor, g):
+    a, b = slice(slot * g, (slot + 1) * g), slice(donor * g, (donor + 1) * g)
+    for key in ("prompts", "prompt_lens", "completions", "lengths", "truncated", "rewards"):
+        dst[key][a] = src[key][b]
+    for key in dst["parts"]:
+        dst["parts"][key][a] = src["parts"][key][b]
+    dst["texts"][a] = src["texts"][b]
+
+
+def grpo(exp, records=None) -> dict:
+    """Run GRPO for `exp.steps` iterations, resuming from exp.directory if it holds a checkpoint."""
+    initialize()
+    run_dir = exp.directory
+    os.makedirs(run_dir, exist_ok=True)
+    algo = GRPO(exp, records)
+    trainer = algo.trainer
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.checkpoint.keep,
+                        async_save=exp.checkpoint.async_save)
+    state = trainer.init_state(exp.seed)
+    if exp.init_from:
+        state = trainer.state_from_params(load_base_params(exp.init_from, trainer))
+    # copies: the train step donates (reuses) the state's buffers
+    ref = jax.tree.map(jnp.copy, state["params"]) if exp.grpo.beta > 0 else None
+    rng, start = jax.random.key(exp.seed), 0
+    if ckpt.steps():
+        full = {"train": state, **({"ref": ref} if ref is not None else {})}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), full)
+        restored = ckpt.restore(abstract)
+        if restored is None:
+            raise RuntimeError(f"{ckpt.directory}: no usable checkpoint; move it away to start afresh")
+        full, meta = restored
+        state, ref = full["train"], full.get("ref")
+        rng, start = key_from_data(meta["rng"]), int(meta["step"])
+        algo.source.set_state(meta["prompts"])
+    with open(os.path.join(run_dir, "config.json"), "w") as fh:
+        json.dump(exp.to_dict(), fh, indent=2)
+    writer = MetricsWriter(run_dir, exp.steps, start, tensorboard=exp.tensorboard, progress=exp.progress)
+    row, bad = {}, 0
+    try:
+        for step in range(start, exp.steps):
+            if ref is not None and exp.grpo.ref_reset_every and step and step % exp.grpo.ref_reset_every == 0:
+                ref = jax.tree.map(jnp.copy, state["params"])
+            state, rng, metrics, roll = algo.iteration(state, ref, rng)
+            row = writer.write(step + 1, metrics)
+            bad = bad + 1 if metrics["skipped"] else 0
+            if bad >= exp.max_bad_steps:
+                raise RuntimeError(f"{bad} consecutive GRPO steps had a non-finite loss or gradient; stopping")
+            if step + 1 == exp.steps or (exp.checkpoint.every and (step + 1) % exp.checkpoint.every == 0):
+                full = {"train": state, **({"ref": ref} if ref is not None else {})}
+                ckpt.save(step + 1, full, {"config": exp.to_dict(), "rng": key_data(rng),
+                                           "prompts": algo.source.get_state()})
+    finally:
+        ckpt.close()
+        writer.close()
+    plot_metrics(run_dir, ["reward", "accuracy", "format_rate", "response_len_mean", "kl", "entropy",
+                           "clip_frac_high", "zero_std_frac", "grad_norm"])
+    return row

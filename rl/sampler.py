@@ -1,0 +1,148 @@
+"""Batched generation with a KV cache, on the same `model.forward` as training.
+
+    from rl.sampler import generate
+    out = generate(cfg, params, prompts, prompt_lens, max_new_tokens=64, temperature=1.0, rng=jax.random.key(0))
+    # out.tokens int32 [batch, max_new_tokens], out.logprobs float32 [batch, max_new_tokens],
+    # out.lengths int32 [batch], out.truncated bool [batch]
+
+Prompts arrive right-padded with their lengths; they are shifted to the right edge (left padding, pad
+slots at position -1, which attention never sees), so every row writes its next token into the same cache
+slot. Prefill is one forward over the prompts; decoding is a `lax.while_loop` inside the same jit that
+stops early once every row has finished (EOS or a stop sequence). Log-probs are those of the sampled
+token under softmax(logits / temperature) over the full vocabulary — what a teacher-forced pass at the
+same temperature computes (`rl.logprobs`), whatever top-k/top-p filtering chose the token.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import forward, init_cache
+from model.config import ModelConfig
+from sharding.rules import use_rules
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # int32 [batch, max_new_tokens], pad_id after the end
+    logprobs: jax.Array  # float32 [batch, max_new_tokens], 0 after the end
+    lengths: jax.Array  # int32 [batch], generated tokens including EOS / the stop sequence
+    truncated: jax.Array  # bool [batch], True if max_new_tokens ran out first
+
+
+def left_align(prompts, prompt_lens):
+    """Right-padded prompts [batch, P] -> (left-padded tokens, positions with -1 on pads)."""
+    b, p = prompts.shape
+    shift = p - prompt_lens  # [batch]
+    idx = (jnp.arange(p)[None, :] - shift[:, None]) % p
+    tokens = jnp.take_along_axis(prompts, idx, axis=1)
+    positions = jnp.arange(p)[None, :] - shift[:, None]
+    return tokens, jnp.where(positions >= 0, positions, -1).astype(jnp.int32)
+
+
+def filter_logits(logits, top_k: int, top_p: float):
+    """Mask logits outside the top-k and the top-p nucleus with -inf. logits [batch, vocab] float32."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def _ends_with(history, i, seq):
+    """Whether the generated tokens up to step i (inclusive) end with `seq`. history [batch, N]."""
+    n = len(seq)
+    idx = i - n + 1 + jnp.arange(n)
+    got = jnp.take(history, jnp.clip(idx, 0, history.shape[1] - 1), axis=1)
+    return (i + 1 >= n) & jnp.all(got == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
+                                   "eos_id", "stop_sequences", "pad_id"))
+def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, temperature, top_k, top_p, greedy,
+              eos_id, stop_sequences, pad_id):
+    b, p = prompts.shape
+    tokens, positions = left_align(prompts, prompt_lens)
+    cache = init_cache(cfg, b, p + max_new_tokens)
+    logits, cache, _ = forward(cfg, params, tokens, positions, cache, with_mtp=False)
+    last = logits[:, -1].astype(jnp.float32)
+
+    def cond(carry):
+        i, _, _, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, last, cache, out_tok, out_lp, done, lengths, rng = carry
+        rng, key = jax.random.split(rng)
+        scaled = last / temperature
+        if greedy:
+            tok = jnp.argmax(last, axis=-1)
+        else:
+            tok = jax.random.categorical(key, filter_logits(scaled, top_k, top_p), axis=-1)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
+        tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
+        out_tok = out_tok.at[:, i].set(tok)
+        out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
+        lengths = lengths + (~done).astype(jnp.int32)
+        finished = jnp.zeros_like(done)
+        if eos_id is not None:
+            finished = finished | (tok == eos_id)
+        for seq in stop_sequences:
+            finished = finished | _ends_with(out_tok, i, seq)
+        done = done | finished
+        pos = (prompt_lens + i)[:, None].astype(jnp.int32)
+        logits, cache, _ = forward(cfg, params, tok[:, None], pos, cache, with_mtp=False)
+        return i + 1, logits[:, -1].astype(jnp.float32), cache, out_tok, out_lp, done, lengths, rng
+
+    init = (jnp.int32(0), last, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+            jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), rng)
+    _, _, _, out_tok, out_lp, done, lengths, _ = jax.lax.while_loop(cond, body, init)
+    return SampleOutput(out_tok, out_lp, lengths, ~done)
+
+
+def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int, temperature: float = 1.0,
+             rng=None, *, top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
+             stop_sequences: tuple[tuple[int, ...], ...] = (), pad_id: int = 0, mesh=None, rules=None) -> SampleOutput:
+    """Sample `max_new_tokens` continuations of right-padded `prompts` int32 [batch, P] with lengths
+    `prompt_lens` int32 [batch].
+
+    temperature > 0 scales the logits (log-probs are reported at this temperature); top_k (0 = off) and
+    top_p (1 = off) filter the sampling distribution; greedy takes the argmax. Generation of a row ends
+    after `eos_id` or after any token sequence in `stop_sequences`. With `mesh`, runs under its sharding
+    rules (params and batch as placed by the caller, e.g. the training state).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    prompts = jnp.asarray(prompts, jnp.int32)
+    prompt_lens = jnp.asarray(prompt_lens, jnp.int32)
+    if prompts.ndim != 2 or prompt_lens.shape != prompts.shape[:1]:
+        raise ValueError(f"prompts must be [batch, P] and prompt_lens [batch]; got {prompts.shape}, {prompt_lens.shape}")
+    lens = np.asarray(prompt_lens)
+    if lens.min() < 1 or lens.max() > prompts.shape[1]:
+        raise ValueError(f"prompt_lens must be in [1, {prompts.shape[1]}], got min {lens.min()} max {lens.max()}")
+    if prompts.shape[1] + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                         f"model max_seq_len {cfg.max_seq_len}")
+    rng = jax.random.key(0) if rng is None else rng
+    stop = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
+    kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+              top_p=float(top_p), greedy=bool(greedy), eos_id=eos_id, stop_sequences=stop, pad_id=int(pad_id))
+    if mesh is None:
+        return _generate(cfg, params, prompts, prompt_lens, rng, **kw)
+    from sharding import DEFAULT_RULES, batch_sharding
+    rules = rules or DEFAULT_RULES
+    with use_rules(mesh, rules):
+        prompts = jax.device_put(prompts, batch_sharding(mesh, rules))
+        prompt_lens = jax.device_put(prompt_lens, batch_sharding(mesh, rules, ndim=1))
+        return _generate(cfg, params, prompts, prompt_lens, rng, **kw)
