@@ -95,7 +95,7 @@ class GRPO:
         stop = (tuple(self.tok.encode("</answer>")),)
         out = jax.device_get(generate(self.exp.model, params, prompts, lens, g.max_new_tokens, g.temperature, rng,
                                       top_k=g.top_k, top_p=g.top_p, eos_id=self.tok.eos_id, stop_sequences=stop,
-                                      pad_id=self.tok.pad_id or 0, mesh=self.mesh))
+                                      pad_id=self.tok.pad_id or 0, vocab_limit=self.tok.vocab_size, mesh=self.mesh))
         texts = [self.tok.decode([int(t) for t in row[:n] if t != self.tok.eos_id], skip_special_tokens=False)
                  for row, n in zip(out.tokens, out.lengths)]
         fields = {k: [r.get(k) for r in recs for _ in range(g.num_generations)] for k in recs[0]}

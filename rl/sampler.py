@@ -44,8 +44,13 @@ def left_align(prompts, prompt_lens):
     return tokens, jnp.where(positions >= 0, positions, -1).astype(jnp.int32)
 
 
-def filter_logits(logits, top_k: int, top_p: float):
-    """Mask logits outside the top-k and the top-p nucleus with -inf. logits [batch, vocab] float32."""
+def filter_logits(logits, top_k: int, top_p: float, vocab_limit: int | None = None):
+    """Mask logits outside the top-k and the top-p nucleus (and ids >= vocab_limit) with -inf.
+
+    logits [batch, vocab] float32.
+    """
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -67,9 +72,9 @@ def _ends_with(history, i, seq):
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
-                                   "eos_id", "stop_sequences", "pad_id"))
+                                   "eos_id", "stop_sequences", "pad_id", "vocab_limit"))
 def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, temperature, top_k, top_p, greedy,
-              eos_id, stop_sequences, pad_id):
+              eos_id, stop_sequences, pad_id, vocab_limit):
     b, p = prompts.shape
     tokens, positions = left_align(prompts, prompt_lens)
     cache = init_cache(cfg, b, p + max_new_tokens)
@@ -85,9 +90,9 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
         rng, key = jax.random.split(rng)
         scaled = last / temperature
         if greedy:
-            tok = jnp.argmax(last, axis=-1)
+            tok = jnp.argmax(filter_logits(last, 0, 1.0, vocab_limit), axis=-1)
         else:
-            tok = jax.random.categorical(key, filter_logits(scaled, top_k, top_p), axis=-1)
+            tok = jax.random.categorical(key, filter_logits(scaled, top_k, top_p, vocab_limit), axis=-1)
         lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
         out_tok = out_tok.at[:, i].set(tok)
@@ -111,13 +116,15 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
 
 def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int, temperature: float = 1.0,
              rng=None, *, top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
-             stop_sequences: tuple[tuple[int, ...], ...] = (), pad_id: int = 0, mesh=None, rules=None) -> SampleOutput:
+             stop_sequences: tuple[tuple[int, ...], ...] = (), pad_id: int = 0, vocab_limit: int | None = None,
+             mesh=None, rules=None) -> SampleOutput:
     """Sample `max_new_tokens` continuations of right-padded `prompts` int32 [batch, P] with lengths
     `prompt_lens` int32 [batch].
 
     temperature > 0 scales the logits (log-probs are reported at this temperature); top_k (0 = off) and
     top_p (1 = off) filter the sampling distribution; greedy takes the argmax. Generation of a row ends
-    after `eos_id` or after any token sequence in `stop_sequences`. With `mesh`, runs under its sharding
+    after `eos_id` or after any token sequence in `stop_sequences`. `vocab_limit` keeps sampling to ids
+    below it (a tokenizer smaller than the model's embedding table). With `mesh`, runs under its sharding
     rules (params and batch as placed by the caller, e.g. the training state).
     """
     if temperature <= 0:
@@ -137,7 +144,8 @@ def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int
     rng = jax.random.key(0) if rng is None else rng
     stop = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-              top_p=float(top_p), greedy=bool(greedy), eos_id=eos_id, stop_sequences=stop, pad_id=int(pad_id))
+              top_p=float(top_p), greedy=bool(greedy), eos_id=eos_id, stop_sequences=stop, pad_id=int(pad_id),
+              vocab_limit=None if vocab_limit is None else int(vocab_limit))
     if mesh is None:
         return _generate(cfg, params, prompts, prompt_lens, rng, **kw)
     from sharding import DEFAULT_RULES, batch_sharding

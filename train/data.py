@@ -44,7 +44,7 @@ import numpy as np
 
 from train.tokenizer import Tokenizer, load_tokenizer, validate_vocab  # noqa: F401  (re-exported)
 
-KINDS = ("pretrain", "sft")
+KINDS = ("pretrain", "sft", "prompts")  # prompts: RL prompt/answer records (no batching here)
 SOURCES = ("synthetic", "memory", "jsonl", "parquet")
 STATE_VERSION = 1
 
@@ -311,6 +311,8 @@ class _ArrowRecords(Sequence):
 def _needed_fields(cfg: DataConfig) -> dict[str, str]:
     if cfg.kind == "pretrain":
         return {cfg.text_field: "data.text_field"}
+    if cfg.kind == "prompts":
+        return {cfg.prompt_field: "data.prompt_field", "answer": "answer"}
     return {cfg.prompt_field: "data.prompt_field", cfg.response_field: "data.response_field"}
 
 

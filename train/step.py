@@ -118,7 +118,7 @@ class Trainer:
             raise ShardingError(f"batch size {bsz} is not divisible by loss.micro_batches={self.lcfg.micro_batches}")
         if self._step is None:
             st_sh = self.state_shardings(state)
-            b_sh = jax.tree.map(lambda _: batch_sharding(self.mesh, self.rules), batch)
+            b_sh = jax.tree.map(lambda x: batch_sharding(self.mesh, self.rules, x.ndim), batch)
             self._step = jax.jit(self._step_fn, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None),
                                  donate_argnums=0)
         with use_rules(self.mesh, self.rules):
