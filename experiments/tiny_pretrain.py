@@ -1,6 +1,6 @@
 """Pretrain a tiny DeepSeek-V3-style model (MLA + DeepSeekMoE + MTP) on a synthetic arithmetic corpus.
 
-    python -m experiments.run experiments/tiny_pretrain.py run_dir=runs/tiny steps=200
+    python -m experiments.run experiments/tiny_pretrain.py run_dir=runs/tiny steps=150
 
 Model: d_model 128, 4 layers (first dense, then MoE with 1 shared + 16 routed experts, top-4 of 4 groups
 limited to 2), MLA with q/kv compression, MTP depth 1 (λ = 0.3), aux-loss-free balancing (γ = 1e-3) plus the
@@ -24,6 +24,6 @@ def config() -> Experiment:
         optim=OptimConfig(lr=3e-3, warmup_steps=20, schedule="cosine", final_lr_frac=0.1, weight_decay=0.1),
         loss=LossConfig(),
         checkpoint=CheckpointConfig(every=50, keep=3),
-        steps=200,
+        steps=150,
         batch_size=16,
     )

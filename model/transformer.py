@@ -204,9 +204,12 @@ def update_router_bias(cfg: ModelConfig, params: nnx.State, expert_load) -> nnx.
         return params
     flat = dict(nnx.to_flat_state(params))
     paths = sorted((p for p, v in flat.items() if isinstance(v, RouterBias)), key=_order)
+    main = [p for p in paths if p[0] == "layers"]
+    if len(expert_load) == len(main) < len(paths):
+        paths = main  # a forward without MTP (RL, scoring) moves only the main layers' biases
     if len(paths) != len(expert_load):
         raise ValueError(f"expert_load has {len(expert_load)} rows but the model has {len(paths)} MoE layers "
-                         "(was the forward pass run with_mtp=False?)")
+                         f"({len(main)} without MTP)")
     for path, load in zip(paths, expert_load):
         v = flat[path]
         flat[path] = v.replace(bias_update(v[...], load, cfg.moe.bias_update_rate))

@@ -52,7 +52,8 @@ def load_base_params(path: str, trainer: Trainer):
         return params
     with open(os.path.join(path, "config.json")) as fh:
         saved = json.load(fh)
-    base = Trainer(trainer.cfg, OptimConfig(**saved["optim"]), LossConfig(**saved["loss"]), trainer.mesh)
+    optim = OptimConfig(**{**saved["optim"], "total_steps": saved["optim"]["total_steps"] or saved["steps"]})
+    base = Trainer(trainer.cfg, optim, LossConfig(**saved["loss"]), trainer.mesh)
     state = base.init_state(0)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     ckpt = Checkpointer(os.path.join(path, "checkpoints"))

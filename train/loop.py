@@ -95,9 +95,9 @@ def pretrain(exp, records=None) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     tokenizer = load_tokenizer(exp.data.tokenizer)
     validate_vocab(tokenizer, exp.model.vocab_size)
-    optim = dataclasses.replace(exp.optim, total_steps=exp.optim.total_steps or exp.steps)
+    exp = dataclasses.replace(exp, optim=dataclasses.replace(exp.optim, total_steps=exp.optim.total_steps or exp.steps))
     mesh = make_mesh(exp.mesh)
-    trainer = Trainer(exp.model, optim, exp.loss, mesh)
+    trainer = Trainer(exp.model, exp.optim, exp.loss, mesh)
     data = make_iterator(exp.data, exp.batch_size, tokenizer, records=records)
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.checkpoint.keep,
                         async_save=exp.checkpoint.async_save)
