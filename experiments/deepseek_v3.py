@@ -1,0 +1,71 @@
+"""DeepSeek-V3 (671B total / 37B active) pretraining on 2,048 GPUs: the published model, for planning.
+
+    python -m experiments.plan experiments/deepseek_v3.py --tokens 14.8e12
+
+This file exists to set our planner's figures beside the V3 technical report (arXiv:2412.19437); it is not
+meant to be run here (data is a synthetic placeholder, and a run needs 2,048 accelerators).
+
+Model: `model.config.deepseek_v3_671b()` as published (61 layers, first 3 dense; d 7168; 128 heads; MLA
+d_c 512 / d'_c 1536 / rope 64; 1 shared + 256 routed experts of FFN 2048, top-8 in 4 of 8 groups; MTP D=1;
+bf16 parameters and compute). Its RoPE is the released YaRN (factor 40) config; pretraining itself ran at
+4K without the extension (§4.3), which changes neither the parameter count nor the FLOPs. Remat: 'block'
+(keep each layer's input, recompute the layer in the backward). V3 (§3.2.3) recomputes only RMSNorm and the
+MLA up-projections, but it holds 4 layers per pipeline stage; without a pipeline axis every device holds all
+61 layers' activations, and the planner puts 'dots' at ~86 GiB of activations per device here (~148 GiB in
+all) against ~10 GiB for 'block' (~72 GiB in all, under the H800's 80 GB).
+
+Mesh (2,048 devices = 256 nodes x 8 H800). V3 used 16-way pipeline parallelism, 64-way expert parallelism
+across 8 nodes and ZeRO-1 data parallelism, no tensor parallelism (§3.2). Our axes are data, fsdp, tensor,
+expert (no pipeline axis), so: expert=64 (routed experts 256/64 = 4 per device, as in V3) and fsdp=32 in
+place of pipeline x ZeRO (parameters and optimizer state sharded along `embed`); data=-1 resolves to 1 on
+2,048 devices. Every data-like axis shards the batch, so the batch-parallel size is 2,048.
+With tensor=1 the `heads`-sharded MLA up-projections (q_b_proj, kv_b_proj) are replicated on every device;
+the planner reports ~6.3 GiB of them, ~46 GiB with their fp32 master and moments. An alternative that keeps
+V3's exact 15,360-sequence batch and shards heads 2-way plans at ~45 GiB per device:
+`mesh.fsdp=16 mesh.tensor=2 batch_size=15360 loss.micro_batches=15` (at the cost of tensor-parallel
+collectives, which V3 avoided).
+
+Batch: V3 ramps 3,072 -> 15,360 sequences of 4K over the first 469B tokens; 15,360 does not divide over
+2,048 batch-parallel devices, so we use 16,384 sequences (67.1M tokens, +6.7 %) in 8 micro-batches of one
+sequence per device. Optimizer (§4.2): AdamW β (0.9, 0.95), weight decay 0.1, peak lr 2.2e-4 after 2K warmup
+steps, clip 1.0; V3 holds the peak to 10T tokens then decays by cosine to 2.2e-5 — our 'cosine' schedule with
+final_lr_frac 0.1 over the whole run is the nearest built-in shape. Steps: 14.8T tokens / 67.1M.
+"""
+
+import math
+
+from experiments.config import CheckpointConfig, Experiment
+from model.config import deepseek_v3_671b
+from sharding.mesh import MeshConfig
+from train.config import LossConfig, OptimConfig
+from train.data import DataConfig
+
+SEQ_LEN = 4096
+BATCH_SIZE = 16384  # sequences; V3's 15,360 rounded up to divide over 2,048 batch-parallel devices
+TOKENS = 14.8e12
+
+# What the V3 technical report states, for the planner to print beside its own figures.
+REFERENCE = {
+    "source": "DeepSeek-V3 Technical Report (arXiv:2412.19437), Table 1 and §1, §4.2",
+    "total_params": 671e9,
+    "active_params": 37e9,
+    "tokens": 14.8e12,
+    "gpu_hours": 2.664e6,  # H800 GPU-hours, pre-training
+    "total_gpu_hours": 2.788e6,  # incl. 119K context extension + 5K post-training
+    "fp8_gpu_flops": 1979e12,  # H800 SXM5 FP8 dense peak: V3 ran most GEMMs in FP8
+}
+
+
+def config() -> Experiment:
+    return Experiment(
+        name="deepseek_v3",
+        model=deepseek_v3_671b().replace(remat="block"),
+        data=DataConfig(kind="pretrain", source="synthetic", tokenizer="byte", seq_len=SEQ_LEN, seed=0),
+        mesh=MeshConfig(data=-1, fsdp=32, tensor=1, expert=64),
+        optim=OptimConfig(lr=2.2e-4, warmup_steps=2000, schedule="cosine", final_lr_frac=0.1, b1=0.9, b2=0.95,
+                          weight_decay=0.1, clip_norm=1.0),
+        loss=LossConfig(micro_batches=8),
+        checkpoint=CheckpointConfig(every=1000, keep=3),
+        steps=math.ceil(TOKENS / (BATCH_SIZE * SEQ_LEN)),
+        batch_size=BATCH_SIZE,
+    )
