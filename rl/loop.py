@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.hf import load_hf
+from rl.evaluate import think_used
 from rl.grpo import ADVANTAGES, policy_objective, token_mean
 from rl.logprobs import completion_logprobs
 from rl.sampler import generate
@@ -169,6 +170,7 @@ class GRPO:
             "accuracy": float(roll["parts"].get("accuracy", roll["rewards"]).mean()),
             "format_rate": float(roll["parts"]["format"].mean()) if "format" in roll["parts"] else float("nan"),
             "response_len_mean": float(roll["lengths"].mean()), "response_len_max": float(roll["lengths"].max()),
+            "think_rate": float(np.mean([think_used(t) for t in roll["texts"]])),
             "truncated_frac": float(roll["truncated"].mean()), "zero_std_frac": roll["zero_std_frac"],
             "entropy": float(first["entropy"]), "kl": float(first.get("kl", 0.0)),
             "clip_frac_low": float(np.mean([u["clip_frac_low"] for u in updates])),
@@ -199,8 +201,24 @@ def _copy_group(dst, src, slot, donor, g):
     dst["texts"][a] = src["texts"][b]
 
 
-def grpo(exp, records=None) -> dict:
-    """Run GRPO for `exp.steps` iterations, resuming from exp.directory if it holds a checkpoint."""
+def _evaluate(algo, exp, params, records, k, path):
+    from rl.evaluate import evaluate
+    result = evaluate(exp.model, params, algo.tok, records, k=k, max_new_tokens=exp.grpo.max_new_tokens,
+                      max_prompt_len=exp.max_prompt_len, data_cfg=exp.prompts, rng=jax.random.key(exp.seed + 7),
+                      mesh=algo.mesh)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    log.info("%s: pass@1 %.3f  pass@%d %.3f  maj@%d %.3f", os.path.basename(path), result["pass@1"], k,
+             result["pass@k"], k, result["maj@k"])
+    return result
+
+
+def grpo(exp, records=None, eval_records=None, eval_k: int = 8) -> dict:
+    """Run GRPO for `exp.steps` iterations, resuming from exp.directory if it holds a checkpoint.
+
+    With `eval_records` (held-out problems), writes run_dir/eval_start.json before the first step and
+    run_dir/eval_end.json after the last (pass@1 over k samples, pass@k, maj@k, length, think usage).
+    """
     initialize()
     run_dir = exp.directory
     os.makedirs(run_dir, exist_ok=True)
@@ -226,6 +244,8 @@ def grpo(exp, records=None) -> dict:
         algo.source.set_state(meta["prompts"])
     with open(os.path.join(run_dir, "config.json"), "w") as fh:
         json.dump(exp.to_dict(), fh, indent=2)
+    if eval_records and start == 0:
+        _evaluate(algo, exp, state["params"], eval_records, eval_k, os.path.join(run_dir, "eval_start.json"))
     writer = MetricsWriter(run_dir, exp.steps, start, tensorboard=exp.tensorboard, progress=exp.progress)
     row, bad = {}, 0
     try:
@@ -244,6 +264,8 @@ def grpo(exp, records=None) -> dict:
     finally:
         ckpt.close()
         writer.close()
-    plot_metrics(run_dir, ["reward", "accuracy", "format_rate", "response_len_mean", "kl", "entropy",
-                           "clip_frac_high", "zero_std_frac", "grad_norm"])
+    if eval_records:
+        _evaluate(algo, exp, state["params"], eval_records, eval_k, os.path.join(run_dir, "eval_end.json"))
+    plot_metrics(run_dir, ["reward", "accuracy", "format_rate", "response_len_mean", "think_rate", "kl", "entropy",
+                           "clip_frac_high", "zero_std_frac"])
     return row

@@ -59,3 +59,43 @@ def encode_prompts(tokenizer, texts: list[str], width: int, bos: bool = True):
     for i, x in enumerate(ids):
         out[i, :len(x)] = x
     return out, np.asarray([len(x) for x in ids], np.int32)
+
+
+# ---- digit chains: a task where written reasoning pays ----------------------------------------------------------
+# "What is 3+5-9+2 mod 10?" Each written step (one digit op mod 10) is one of 200 facts, learnable to ~100 %
+# by a tiny model; the direct answer to a k-term chain needs all k-1 steps done silently, which a tiny
+# model cannot, so its guesses sit near chance (10 %). A base that reasons in some of its samples has
+# pass@k >> pass@1 on long chains: exactly what R1-Zero-style RL can sharpen (tiny-r1-zero-lessons.md).
+
+def digit_chain(seed: int, index: int, min_terms: int = 2, max_terms: int = 6) -> dict:
+    """Record {'prompt', 'answer', 'difficulty' (terms), 'reasoning' (the worked response), 'direct'}."""
+    rng = np.random.default_rng([seed, index, 10])
+    k = int(rng.integers(min_terms, max_terms + 1))
+    digits = [int(d) for d in rng.integers(0, 10, k)]
+    ops = ["+" if rng.random() < 0.5 else "-" for _ in range(k - 1)]
+    value, steps = digits[0], []
+    for op, d in zip(ops, digits[1:]):
+        new = (value + d if op == "+" else value - d) % 10
+        steps.append(f"{value}{op}{d}={new}")
+        value = new
+    expr = str(digits[0]) + "".join(f"{op}{d}" for op, d in zip(ops, digits[1:]))
+    return {"prompt": f"What is {expr} mod 10?", "answer": str(value), "difficulty": k,
+            "reasoning": f"<think>{' '.join(steps)}</think> <answer>{value}</answer>",
+            "direct": f"<think></think> <answer>{value}</answer>"}
+
+
+def digit_chain_corpus(seed: int, n: int, reason_prob: float, template: str, **kw) -> list[dict]:
+    """Pretraining documents: the chat-formatted problem with a worked (prob `reason_prob`) or bare answer."""
+    rng = np.random.default_rng([seed, 11])
+    docs = []
+    for i in range(n):
+        rec = digit_chain(seed, i, **kw)
+        response = rec["reasoning"] if rng.random() < reason_prob else rec["direct"]
+        docs.append({"text": template.format(prompt=rec["prompt"]) + " " + response})
+    return docs
+
+
+def digit_chain_prompts(seed: int, n: int, **kw) -> list[dict]:
+    """RL / evaluation prompts {'prompt', 'answer', 'difficulty'}; use disjoint seeds for train and held-out."""
+    return [{k: v for k, v in digit_chain(seed, i, **kw).items() if k in ("prompt", "answer", "difficulty")}
+            for i in range(n)]

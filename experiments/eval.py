@@ -1,0 +1,220 @@
+"""Evaluate a run's newest checkpoint on held-out problems: pass@1 (over k samples), pass@k, maj@k, format, length.
+
+    python -m experiments.eval RUN_DIR [--k 8] [--n 64] [--max-new-tokens 48] [--temperature 0.6] [--top-p 0.95]
+                                       [--seed 0] [--batch-size 64] [--exclude-seen] [--records FILE.jsonl]
+                                       [--template '...{prompt}...'] [--samples] [--out RUN_DIR/eval.json]
+
+RUN_DIR is a pretraining / SFT run (config.json of an `Experiment`: 'model' and 'data'; checkpoint state = the train
+state) or a GRPO run (config.json of an `RLExperiment`: 'model' and 'prompts'; checkpoint state =
+{'train': train state, 'ref': reference params (when β > 0)}). Problems: by default `rl.evaluate.held_out_problems`
+(synthetic arithmetic from a seed stream disjoint from training; `--exclude-seen` also drops every expression of the
+synthetic training sets the run (and its `init_from` base) drew from, ~13 s per 100k records); `--records` reads
+JSONL records with 'prompt' (or the config's prompt field), 'answer' and optionally 'difficulty'. Prompts are rendered
+with the run's chat template unless `--template` is given. Writes the metrics of `rl.evaluate.evaluate` plus run
+metadata to --out (default RUN_DIR/eval.json); `--samples` also writes every completion to RUN_DIR/eval_samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("experiments.eval")
+
+
+def dataclass_from_dict(cls, d: dict | None):
+    """`cls(**d)` keeping only cls's fields (unknown keys are logged and dropped); lists become tuples."""
+    if d is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        log.warning("%s: ignoring unknown config keys %s", cls.__name__, unknown)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+def model_config_from_dict(d: dict):
+    """A ModelConfig from its `dataclasses.asdict` form (as run loops save it), rebuilding rope / mla / moe."""
+    from model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+    d = dict(d)
+    d["rope"] = dataclass_from_dict(RopeConfig, d.get("rope") or {})
+    d["mla"] = dataclass_from_dict(MLAConfig, d.get("mla"))
+    d["moe"] = dataclass_from_dict(MoEConfig, d.get("moe"))
+    return dataclass_from_dict(ModelConfig, d)
+
+
+def read_run_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: not a run directory")
+    with open(path) as fh:
+        saved = json.load(fh)
+    if "model" not in saved or not ({"prompts", "data"} & set(saved)):
+        raise ValueError(f"{path}: expected a run config with 'model' and 'prompts' or 'data' (an HF checkpoint "
+                         "directory is not supported here)")
+    return saved
+
+
+def _contains(seq: list, sub: list) -> bool:
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def load_run_params(run_dir: str, saved: dict, model_cfg, mesh, rules=None):
+    """(params, checkpoint step) of the newest intact checkpoint of a pretraining or GRPO run directory.
+
+    Only the policy params are read: from the state itself (pretraining / SFT: {'params', 'opt_state', 'step'}) or
+    from its 'train' entry (GRPO: {'train': {...}, 'ref': ...}); every other array (optimizer moments, reference
+    params) is left out of the (partial) restore and never loaded. Integrity: the restored params' fingerprints must appear, in
+    order, in the checkpoint's fingerprint list (train.checkpoint); a step that fails is skipped for the previous.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from model import init_params
+    from sharding import DEFAULT_RULES, param_shardings
+    from sharding.rules import use_rules
+    from train.checkpoint import Checkpointer, fingerprint
+
+    rules = rules or DEFAULT_RULES
+    ckdir = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    if not os.path.isdir(ckdir):
+        raise FileNotFoundError(f"{ckdir} does not exist: the run has saved no checkpoint")
+    with use_rules(mesh, rules):
+        shapes = jax.eval_shape(lambda: init_params(model_cfg, 0))
+        shardings = param_shardings(shapes, mesh, rules)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
+    ckpt = Checkpointer(ckdir)
+    try:
+        for step in reversed(ckpt.steps()):
+            try:
+                saved_tree = ocp.StandardCheckpointHandler().metadata(epath.Path(ckdir) / str(step) / "state").tree
+                target = {"train": {"params": abstract}} if "train" in saved_tree else {"params": abstract}
+                out = ckpt.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                        target), partial_restore=True),
+                    meta=ocp.args.JsonRestore()))
+                state, meta = out["state"], out["meta"]
+                params = state["train"]["params"] if "train" in state else state["params"]
+                if not _contains(list(meta["fingerprint"]), fingerprint(params)):
+                    raise ValueError("array fingerprints do not match (corrupted data)")
+                return params, int(meta.get("step", step))
+            except Exception as e:  # corrupted, truncated or from another config
+                log.warning("checkpoint step %d in %s is unusable (%s: %s); trying the previous one",
+                            step, ckdir, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+    finally:
+        ckpt.close()
+    raise FileNotFoundError(f"{ckdir}: no usable checkpoint")
+
+
+def _seen_seeds(run_dir: str, saved: dict) -> list[tuple[int, int]]:
+    """(seed, synthetic_size) of each synthetic training source of the run and of its init_from base run."""
+    out = []
+    for d in (saved.get("prompts"), saved.get("data")):
+        if d and d.get("source") == "synthetic":
+            out.append((int(d.get("seed", 0)), int(d.get("synthetic_size", 100_000))))
+    base = saved.get("init_from") or ""
+    for cand in (base, os.path.join(run_dir, base) if base and not os.path.isabs(base) else ""):
+        if cand and os.path.exists(os.path.join(cand, "config.json")):
+            try:
+                out += _seen_seeds(cand, read_run_config(cand))
+            except ValueError:
+                pass
+            break
+    return sorted(set(out))
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.eval", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--k", type=int, default=8, help="samples per problem")
+    p.add_argument("--n", type=int, default=64, help="held-out problems")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out problems and of sampling")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generate call")
+    p.add_argument("--max-prompt-len", type=int, default=0, help="0: the run's max_prompt_len, else the longest")
+    p.add_argument("--exclude-seen", action="store_true", help="drop held-out problems found in training's sources")
+    p.add_argument("--records", default="", help="JSONL problems instead of synthetic arithmetic")
+    p.add_argument("--template", default=None, help="chat template with {prompt} (default: the run's)")
+    p.add_argument("--samples", action="store_true", help="also write RUN_DIR/eval_samples.jsonl")
+    p.add_argument("--out", default="", help="default RUN_DIR/eval.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore step at INFO
+
+    import jax
+
+    from rl.evaluate import evaluate, held_out_problems, seen_synthetic_prompts
+    from sharding import make_mesh
+    from sharding.mesh import MeshConfig
+    from train.data import DataConfig, load_tokenizer, validate_vocab
+
+    try:
+        saved = read_run_config(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model_cfg = model_config_from_dict(saved["model"])
+    data_cfg = dataclass_from_dict(DataConfig, saved.get("prompts") or saved["data"])
+    tok = load_tokenizer(data_cfg.tokenizer)
+    validate_vocab(tok, model_cfg.vocab_size)
+    try:
+        mesh = make_mesh(dataclass_from_dict(MeshConfig, saved.get("mesh") or {}))
+    except ValueError as e:
+        log.warning("saved mesh does not fit these devices (%s); using all devices as data-parallel", e)
+        mesh = make_mesh(MeshConfig())
+    t0 = time.perf_counter()
+    params, step = load_run_params(args.run_dir, saved, model_cfg, mesh)
+
+    exclude = set()
+    seen = _seen_seeds(args.run_dir, saved) if args.exclude_seen and not args.records else []
+    for seed, size in seen:
+        log.info("collecting the expressions of synthetic seed %d (%d records) to exclude", seed, size)
+        exclude |= seen_synthetic_prompts(seed, size)
+    records = _read_jsonl(args.records)[:args.n] if args.records else held_out_problems(args.seed, args.n,
+                                                                                         exclude=exclude)
+    max_prompt_len = args.max_prompt_len or saved.get("max_prompt_len") or None
+    t1 = time.perf_counter()
+    metrics = evaluate(model_cfg, params, tok, records, k=args.k, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, max_prompt_len=max_prompt_len,
+                       template=args.template, data_cfg=data_cfg if args.template is None else None,
+                       rng=jax.random.key(args.seed), batch_size=args.batch_size, mesh=mesh, details=args.samples)
+    problems = metrics.pop("problems", None)
+    out = {**metrics,
+           "run_dir": args.run_dir, "checkpoint_step": step,
+           "eval": {"k": args.k, "n": len(records), "max_new_tokens": args.max_new_tokens,
+                    "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+                    "records": args.records or "synthetic_held_out", "excluded_seen_seeds": [s for s, _ in seen],
+                    "template": args.template if args.template is not None else data_cfg.chat_template},
+           "time_eval_s": time.perf_counter() - t1, "time_total_s": time.perf_counter() - t0}
+    path = args.out or os.path.join(args.run_dir, "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=2)
+    if problems is not None:
+        with open(os.path.join(os.path.dirname(path) or ".", "eval_samples.jsonl"), "w") as fh:
+            fh.writelines(json.dumps(prob) + "\n" for prob in problems)
+    k = metrics["k"]
+    print(f"step {step}: pass@1 {metrics['pass@1']:.3f}  pass@{k} {metrics['pass@k']:.3f}  "
+          f"maj@{k} {metrics['maj@k']:.3f}  format {metrics['format_rate']:.3f}  think {metrics['think_usage']:.3f}  "
+          f"len {metrics['response_len_mean']:.1f}  ({metrics['n_problems']} problems) -> {path}")
+    for d, m in (metrics.get("by_difficulty") or {}).items():
+        print(f"  difficulty {d}: n {m['n']}  pass@1 {m['pass@1']:.3f}  pass@{k} {m['pass@k']:.3f}  "
+              f"maj@{k} {m['maj@k']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
