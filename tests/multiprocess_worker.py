@@ -27,7 +27,7 @@ from train.step import Trainer  # noqa: E402
 
 cfg = tiny_deepseek(vocab_size=64, d_model=32, n_layers=1, mtp_depth=0)  # one dense MLA layer: fast to compile
 mesh = make_mesh(MeshConfig(data=2, fsdp=2))
-trainer = Trainer(cfg, OptimConfig(lr=1e-2, warmup_steps=0), LossConfig(), mesh)
+trainer = Trainer(cfg, OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), LossConfig(), mesh)
 state = trainer.init_state(0)
 toks = np.random.RandomState(0).randint(0, 64, (8, 17)).astype(np.int32)
 full = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((8, 16), np.float32)}
