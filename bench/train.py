@@ -1,25 +1,31 @@
 """Training-step throughput and MFU of `train.step.Trainer` on CPU, side by side with Hugging Face transformers.
 
     python -m bench.train [--configs small,tiny] [--batch 16 --seq 256] [--steps 7] [--warmup 2] [--no-torch]
-                          [--breakdown] [--profile]
+                          [--budget 75] [--max-others 0.1] [--devices 1] [--breakdown] [--profile]
 
 In one process:
-1. float32 matmul peak: `jax.jit(jnp.dot)` on 2048x2048, GFLOP/s = 2n^3/t: 9 runs after 2 warm-ups at the start
-   plus one run in every timed round (so the peak sees the same machine load as the steps); the peak is the
-   median of all of them (torch.mm on the same shape is printed for context). The load average is printed and
-   a warning when it exceeds the CPU count (other processes share the machine; every time is then inflated).
+1. float32 matmul peak: `jax.jit(jnp.dot)` on 2048x2048, GFLOP/s = 2n^3/t; a sample is 4 back-to-back dots;
+   9 samples at the start plus one in every timed round; the peak is their median (torch.mm is printed too).
+   Shared machines: every timed call also reads /proc/stat, and is *clean* if other processes (and hypervisor
+   steal) used less than --max-others (10 %) of the machine's CPU capacity meanwhile. Medians are taken over
+   the clean samples when there are at least 3 (else over all, flagged "contended"), and rounds continue
+   (up to --budget seconds per config) until --steps clean rounds per peer are in.
 2. for each config (small = small_qwen2(), tiny = tiny_deepseek()):
    ours: `Trainer(cfg, OptimConfig(), LossConfig(), make_mesh(MeshConfig(data=1), jax.devices()[:1]))`, a random
    token batch [batch, seq] (inputs / targets = inputs shifted by one / loss_mask of ones), `warmup` steps (the
-   first compiles), then `steps` timed steps, each blocked on the new state and the metrics;
+   first compiles), then timed steps, each blocked on the new state and the metrics;
    theirs: transformers Qwen2ForCausalLM (small) / DeepseekV3ForCausalLM (tiny) built from the equivalent config,
    PyTorch eager on CPU, SDPA attention, torch.set_num_threads(cpu count), on the same batch: forward, masked
    token cross-entropy, loss.backward(), clip_grad_norm_(1.0), torch.optim.AdamW(betas=(0.9, 0.95), wd=0.1).
-   Rounds are interleaved (ours, theirs, ours, theirs, ...) so drift in machine speed hits both; medians reported.
-   tokens/s = batch*seq / median step time; MFU = flops_per_token(cfg, seq) * tokens/s / matmul peak.
-3. `--breakdown`: the small config's attention core (`model.attention.attend`, fwd+bwd at the training shapes)
-   timed alone, times n_layers, against the whole step.  `--profile`: a jax.profiler trace of one train step,
-   per-HLO-op time grouped by kind.
+   Rounds are interleaved (peak sample, ours, theirs, peak sample, ours, theirs, ...).
+   tokens/s = batch*seq / median step time; MFU = flops_per_token(cfg, seq) * tokens/s / matmul peak; also the
+   CPU-seconds per step and "MFU per CPU-s" (FLOPs per CPU-second of the step / per CPU-second of the dot).
+3. `--breakdown`: the attention core fwd+bwd at the training shapes timed alone (the model's path,
+   `self_attention` -> `causal_attention`, and the masked `attend`), times the attention layers, against the step;
+   for dense configs also the MLP matmuls and the SiLU backward with/without the transpose XLA fuses into it.
+   `--profile`: a jax.profiler trace of the train step, per-HLO-op time by component (attention core, MoE routed
+   experts, the rest, optimizer) and op type (matmul, layout copies, elementwise), fwd/bwd.
+   `--devices N`: a data-parallel mesh over N JAX devices (on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
 Thread settings are the process environment's; see docs/benchmarks_train.md for the XLA_FLAGS comparison.
 Prints a markdown table, the command line, and as its last line
@@ -39,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +58,9 @@ from train.config import LossConfig, OptimConfig
 from train.step import Trainer
 
 CONFIGS = {"small": small_qwen2, "tiny": tiny_deepseek}
-OPTIM = dict(lr=3e-3, warmup_steps=20, total_steps=1000, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0)
+OPTIM = {"lr": 3e-3, "warmup_steps": 20, "total_steps": 1000, "b1": 0.9, "b2": 0.95, "weight_decay": 0.1,
+         "clip_norm": 1.0}
+MAX_OTHERS = 0.10  # default: a timed call is "clean" if other processes used < 10 % of the machine meanwhile
 
 
 def n_cpus() -> int:
@@ -76,40 +85,75 @@ def timed(fn, rounds: int, warmup: int = 1) -> list[float]:
     return out
 
 
+# ---- measuring on a shared machine ----------------------------------------------------------------------
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    """CPU-seconds the whole machine has spent busy (user+nice+system+irq+softirq+steal), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:  # not Linux: no contention accounting
+        return float("nan")
+    return (sum(v) - v[3] - v[4]) / _HZ
+
+
+@dataclass
+class Sample:
+    wall: float  # seconds
+    cpu: float  # CPU-seconds of this process, all threads
+    others: float  # fraction of the machine's CPU capacity used by other processes (and steal) meanwhile
+
+    def clean(self, max_others: float) -> bool:
+        return not self.others > max_others  # nan (no /proc/stat) counts as clean
+
+
+def measure(fn) -> Sample:
+    b0, c0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    fn()
+    t, c, b = time.perf_counter() - t0, time.process_time() - c0, _machine_busy_s() - b0
+    return Sample(t, c, max(0.0, (b - c) / ((os.cpu_count() or 1) * t)))
+
+
+def pick(samples: list[Sample], need: int, max_others: float) -> tuple[list[Sample], bool]:
+    """The clean samples if there are at least `need` (and >= 1), else all of them; and whether clean."""
+    clean = [x for x in samples if x.clean(max_others)]
+    return (clean, True) if len(clean) >= max(need, 1) else (samples, False)
+
+
 # ---- peak -----------------------------------------------------------------------------------------------
 
 class MatmulPeak:
-    """GFLOP/s of `jax.jit(jnp.dot)` on float32 n x n; every sample is kept, the peak is their median."""
+    """GFLOP/s of `jax.jit(jnp.dot)` on float32 n x n. A sample times `reps` back-to-back dots (so one sample
+    lasts long enough for /proc/stat's 10 ms ticks); the peak is the median over clean samples."""
 
-    def __init__(self, n: int = 2048):
-        self.n = n
+    def __init__(self, n: int = 2048, reps: int = 4):
+        self.n, self.reps = n, reps
         self.a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
         self.b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
         self.dot = jax.jit(jnp.dot)
-        self.samples, self.cpu_samples = [], []
+        self.samples: list[Sample] = []
 
-    def sample(self, runs: int = 1, warmup: int = 0) -> float:
+    def _run(self):
+        for _ in range(self.reps):
+            self.dot(self.a, self.b).block_until_ready()
+
+    def sample(self, runs: int = 1, warmup: int = 0):
         for _ in range(warmup):
-            self.dot(self.a, self.b).block_until_ready()
-        out = []
+            self._run()
         for _ in range(runs):
-            c0, t0 = time.process_time(), time.perf_counter()
-            self.dot(self.a, self.b).block_until_ready()
-            t, c = time.perf_counter() - t0, time.process_time() - c0
-            self.samples.append(2 * self.n ** 3 / t / 1e9)
-            self.cpu_samples.append(2 * self.n ** 3 / c / 1e9)
-            out.append(self.samples[-1])
-        return med(out)
+            self.samples.append(measure(self._run))
 
-    @property
-    def gflops(self) -> float:
-        """Wall-clock GFLOP/s, median of all samples."""
-        return med(self.samples)
+    def gflops_of(self, x: Sample, cpu: bool = False) -> float:
+        return 2 * self.n ** 3 * self.reps / (x.cpu if cpu else x.wall) / 1e9
 
-    @property
-    def gflops_per_cpu_s(self) -> float:
-        """GFLOP per CPU-second of this process (all threads), median: a per-core peak robust to time slicing."""
-        return med(self.cpu_samples)
+    def stats(self, max_others: float, need: int = 3) -> dict:
+        xs, clean = pick(self.samples, need, max_others)
+        return {"gflops": med([self.gflops_of(x) for x in xs]), "per_cpu_s": med([self.gflops_of(x, True) for x in xs]),
+                "max": max(self.gflops_of(x) for x in self.samples), "n": len(xs), "of": len(self.samples),
+                "clean": clean}
 
 
 def torch_peak(n: int = 2048, runs: int = 9) -> float:
@@ -128,9 +172,9 @@ def make_tokens(cfg: ModelConfig, batch: int, seq: int) -> np.ndarray:
 # ---- ours -----------------------------------------------------------------------------------------------
 
 class Ours:
-    def __init__(self, cfg: ModelConfig, tokens: np.ndarray):
+    def __init__(self, cfg: ModelConfig, tokens: np.ndarray, devices: int = 1):
         self.cfg = cfg
-        mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+        mesh = make_mesh(MeshConfig(data=devices), jax.devices()[:devices])
         self.trainer = Trainer(cfg, OptimConfig(**OPTIM), LossConfig(), mesh)
         self.state = self.trainer.init_state(0)
         self.batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
@@ -210,9 +254,10 @@ class Theirs:
 
 # ---- breakdown / profile --------------------------------------------------------------------------------
 
-def attention_alone(cfg: ModelConfig, batch: int, seq: int, rounds: int = 5) -> float:
-    """Seconds for one layer's attention core (attend with the position mask) forward+backward."""
-    from model.attention import attend, attention_mask
+def attention_alone(cfg: ModelConfig, batch: int, seq: int, max_others: float, rounds: int = 5) -> dict:
+    """Seconds for one layer's attention core forward+backward at the training shapes: the path the model takes
+    without a cache (`model.attention.self_attention`, mask None) and, for reference, the masked `attend`."""
+    from model import attention as A
     ks = jax.random.split(jax.random.key(0), 4)
     if cfg.mla is None:
         h, kvh, dk, dv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim
@@ -223,20 +268,48 @@ def attention_alone(cfg: ModelConfig, batch: int, seq: int, rounds: int = 5) -> 
     v = jax.random.normal(ks[2], (batch, kvh, seq, dv))
     w = jax.random.normal(ks[3], (batch, h, seq, dv))
     pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    variants = {"model path": lambda q, k, v: A.self_attention(q, k, v, {"mask": None, "segment_ids": None},
+                                                                cfg.attn_scale),
+                "masked attend": lambda q, k, v: A.attend(q, k, v, A.attention_mask(pos, pos), cfg.attn_scale)}
+    out = {}
+    for name, f in variants.items():
+        fb = jax.jit(jax.value_and_grad(lambda q, k, v, f=f: jnp.sum(w * f(q, k, v)), argnums=(0, 1, 2)))
+        call = lambda fb=fb: jax.block_until_ready(fb(q, k, v))
+        for _ in range(2):
+            call()
+        xs, _ = pick([measure(call) for _ in range(rounds)], 3, max_others)
+        out[name] = med([x.wall for x in xs])
+    return out
 
-    def loss(q, k, v):
-        return jnp.sum(w * attend(q, k, v, attention_mask(pos, pos), cfg.attn_scale))
 
-    fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    return med(timed(lambda: jax.block_until_ready(fb(q, k, v)), rounds, warmup=2))
+def micro(cfg: ModelConfig, batch: int, seq: int, max_others: float, rounds: int = 7) -> dict:
+    """ms of pieces that the profile shows as costly, alone: the MLP's matmuls at the training shapes (and their
+    GFLOP/s), and the SiLU backward with and without the transpose that XLA fuses into it for the weight grad."""
+    n, d, f = batch * seq, cfg.d_model, cfg.mlp_dim
+    ks = jax.random.split(jax.random.key(0), 4)
+    x, w = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (d, f))
+    h, g = jax.random.normal(ks[2], (n, f)), jax.random.normal(ks[3], (n, f))
+    silu_grad = lambda h, g: jax.vjp(jax.nn.silu, h)[1](g)[0]
+    cases = {
+        f"x[{n},{d}] @ W[{d},{f}] (MLP up, fwd)": (lambda x, w: x @ w, (x, w), 2 * n * d * f),
+        f"x^T @ dY -> dW[{d},{f}] (MLP weight grad)": (lambda x, g: x.T @ g, (x, g), 2 * n * d * f),
+        f"SiLU backward [{n},{f}]": (silu_grad, (h, g), 0),
+        f"transpose [{n},{f}] -> [{f},{n}]": (lambda h: h.T + 0.0, (h,), 0),
+        f"SiLU backward, transposed -> [{f},{n}]": (lambda h, g: silu_grad(h, g).T + 0.0, (h, g), 0),
+    }
+    out = {}
+    for name, (fn, xs, flops) in cases.items():
+        fn = jax.jit(fn)
+        call = lambda fn=fn, xs=xs: jax.block_until_ready(fn(*xs))
+        for _ in range(2):
+            call()
+        sel, _ = pick([measure(call) for _ in range(rounds)], 3, max_others)
+        t = med([x.wall for x in sel])
+        out[name] = (t, flops / t / 1e9 if flops else float("nan"))
+    return out
 
 
-_KINDS = [("dot_general", "matmul (dot)"), ("convolution", "matmul (dot)"), ("softmax", "softmax"),
-          ("reduce", "reductions"), ("select", "select / mask"), ("exponential", "exp"),
-          ("adam", "optimizer"), ("clip", "optimizer")]
-
-
-def profile_step(ours: "Ours", calls: int = 2) -> list[tuple[str, float, str]]:
+def profile_step(ours: Ours, calls: int = 2) -> list[tuple[str, float, str]]:
     """Per-HLO-op time (ms per step, summed over threads) from a jax.profiler trace of the train step."""
     step_fn = ours.trainer._step
     hlo = step_fn.lower(ours.state, ours.batch).compile().as_text()
@@ -264,35 +337,46 @@ def profile_step(ours: "Ours", calls: int = 2) -> list[tuple[str, float, str]]:
     return [(name, ns / calls / 1e6, meta[name][1] + "  " + meta[name][0]) for name, ns in per_op.most_common()]
 
 
-def kind_of(name: str, desc: str, seq: int) -> str:
-    """Coarse kind of an HLO op from its name, op_name metadata and output shape."""
-    lname = desc.lower()
-    if "transpose(jvp" in lname:
+def kind_of(name: str, desc: str, cfg: ModelConfig, batch: int, seq: int) -> tuple[str, str]:
+    """(component, op type + fwd/bwd) of an HLO op, from its name, op_name metadata and output shape."""
+    on = desc.split("  ")[0].lower()
+    if "transpose(jvp" in on:
         phase = "bwd"
-    elif "jvp(" in lname:
+    elif "jvp(" in on:
         phase = "fwd"
     else:
-        return "optimizer update / loss glue (outside value_and_grad)"
-    if re.search(rf"\b{seq},{seq}\]", desc) or "softmax" in lname:
-        what = "attention score matrix [.., T, T] (QK^T, mask, softmax, dP)"
-    elif "dot_general" in lname or "dot" in name:
-        what = "matmul (projections, MLP, head, P·V)"
-    elif name.startswith(("copy", "transpose")):
-        what = "layout copies / transposes"
+        return "optimizer update, grad norm, router bias (outside value_and_grad)", ""
+    moe_shape = cfg.moe is not None and f"[{cfg.moe.n_routed_experts},{batch * seq}," in desc
+    if "while/body" in on or "bkgt" in on or "bkm" in on or "softmax" in on or re.search(rf"\b{seq},{seq}\]", desc):
+        comp = "attention core"
+    elif "edf" in on or "efd" in on or "enf" in on or moe_shape:
+        comp = "MoE routed experts (computed densely, all experts)"
     else:
-        what = "other elementwise (norms, rope, silu, loss)"
-    return f"{what} {phase}"
+        comp = "everything else (q/k/v/o projections, MLP, norms, rope, head, loss)"
+    if name.startswith(("copy", "transpose")) or on.endswith("/transpose"):
+        typ = "layout copies (transposes)"
+    elif name.startswith(("ynn_fusion", "dot")) and "dot_general" in on:
+        typ = "matmul"
+    else:
+        typ = "elementwise / reductions"
+    return comp, f"{typ}, {phase}"
 
 
-def print_profile(ops, seq: int, top=15):
+def print_profile(ops, cfg: ModelConfig, batch: int, seq: int, wall: float, top=12):
     total = sum(ms for _, ms, _ in ops)
-    kinds = collections.Counter()
+    comps, kinds = collections.Counter(), collections.Counter()
     for name, ms, desc in ops:
-        kinds[kind_of(name, desc, seq)] += ms
-    print(f"\n### train step: per-op time from jax.profiler (ms per step, summed over threads; total {total:.0f} ms)\n")
-    print("| kind | ms | share |\n|---|---|---|")
-    for k, ms in kinds.most_common():
-        print(f"| {k} | {ms:.0f} | {ms / total:.0%} |")
+        c, k = kind_of(name, desc, cfg, batch, seq)
+        comps[c] += ms
+        kinds[c, k] += ms
+    print(f"\n### train step: per-op time from jax.profiler (ms per step; ops on the 2 threads can overlap, so the "
+          f"total {total:.0f} ms may exceed the {wall * 1e3:.0f} ms step)\n")
+    print("| component | op type | ms | share |\n|---|---|---|---|")
+    for c, cms in comps.most_common():
+        print(f"| **{c}** | all | **{cms:.0f}** | **{cms / total:.0%}** |")
+        for (c2, k), ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            if c2 == c and k:
+                print(f"| | {k} | {ms:.0f} | {ms / total:.0%} |")
     print(f"\nTop {top} ops:\n\n| op | ms | op_name / shape |\n|---|---|---|")
     for name, ms, desc in ops[:top]:
         print(f"| {name} | {ms:.1f} | `{desc[:120]}` |")
@@ -305,8 +389,15 @@ def main(argv=None):
     ap.add_argument("--configs", default="small,tiny", help="comma list of " + ",".join(CONFIGS))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=7, help="timed interleaved rounds (median)")
+    ap.add_argument("--steps", type=int, default=7, help="timed interleaved rounds wanted (clean ones; median)")
+    ap.add_argument("--budget", type=float, default=75.0,
+                    help="seconds per config to keep adding rounds while fewer than --steps are clean")
+    ap.add_argument("--max-others", type=float, default=MAX_OTHERS,
+                    help="a round is clean if other processes used less than this fraction of the machine")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="data-parallel mesh over this many JAX devices (>1 needs "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers peer")
     ap.add_argument("--breakdown", action="store_true", help="time the attention core fwd+bwd alone")
     ap.add_argument("--profile", action="store_true", help="jax.profiler per-op time of one train step")
@@ -318,10 +409,13 @@ def main(argv=None):
 
     print(f"jax {jax.__version__} devices={jax.devices()} cpus={n_cpus()} "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    mo = args.max_others
     load0 = os.getloadavg()[0]
     pk = MatmulPeak()
-    print(f"float32 matmul peak (jax.jit(jnp.dot) 2048^2, median of 9): {pk.sample(9, warmup=2):.1f} GFLOP/s; "
-          f"load average {load0:.2f}", flush=True)
+    pk.sample(9, warmup=1)
+    st = pk.stats(mo)
+    print(f"float32 matmul peak (jax.jit(jnp.dot) 2048^2): {st['gflops']:.1f} GFLOP/s "
+          f"(median of {st['n']}/{st['of']} samples); load average {load0:.2f}", flush=True)
     tpeak = float("nan")
     if not args.no_torch:
         try:
@@ -333,114 +427,130 @@ def main(argv=None):
             print(f"torch unavailable ({e}); skipping the transformers peer")
             args.no_torch = True
 
-    rows, result = [], {}
+    rows, result, nan = [], {}, float("nan")
     tokens_per_step = args.batch * args.seq
     for name in names:
         cfg = CONFIGS[name]()
         fpt = flops_per_token(cfg, args.seq)
         tokens = make_tokens(cfg, args.batch, args.seq)
         t0 = time.perf_counter()
-        ours = Ours(cfg, tokens)
+        ours = Ours(cfg, tokens, args.devices)
         ours.step()  # compiles
         compile_s = time.perf_counter() - t0
         for _ in range(args.warmup - 1):
             ours.step()
-        theirs, err = None, None
+        peers = {"ours": ours}
+        err = None
         if not args.no_torch:
             try:
                 theirs = Theirs(cfg, tokens)
                 for _ in range(args.warmup):
                     theirs.step()
-            except Exception as e:  # report, don't die: the JAX numbers still stand
-                theirs, err = None, f"{type(e).__name__}: {e}"
+                peers["transformers"] = theirs
+            except Exception as e:  # noqa: BLE001  report, don't die: the JAX numbers still stand
+                err = f"{type(e).__name__}: {e}"
                 print(f"[{name}] transformers peer failed: {err}", flush=True)
-        ts_ours, ts_theirs, cpu_ours, cpu_theirs = [], [], [], []
-        for r in range(args.steps):
-            pk.sample()  # one peak sample per round, so the peak sees the same machine as the steps
-            c0, t0 = time.process_time(), time.perf_counter()
-            ours.step()
-            ts_ours.append(time.perf_counter() - t0)
-            cpu_ours.append(time.process_time() - c0)
-            if theirs is not None:
-                c0, t0 = time.process_time(), time.perf_counter()
-                theirs.step()
-                ts_theirs.append(time.perf_counter() - t0)
-                cpu_theirs.append(time.process_time() - c0)
-            print(f"[{name}] round {r}: ours {ts_ours[-1]:.3f} s"
-                  + (f", transformers {ts_theirs[-1]:.3f} s" if ts_theirs else ""), flush=True)
-        peak, cpu_peak = pk.gflops, pk.gflops_per_cpu_s
-        nan = float("nan")
-        tok_ours = tokens_per_step / med(ts_ours)
-        mfu = fpt * tok_ours / (peak * 1e9)
-        tok_theirs = tokens_per_step / med(ts_theirs) if ts_theirs else nan
-        mfu_theirs = fpt * tok_theirs / (peak * 1e9)
-        ratio = tok_ours / tok_theirs if ts_theirs else nan
-        # contention-robust views: best round vs best peak sample; CPU-seconds vs GFLOP per CPU-second of the dot
-        best = dict(tok=(tokens_per_step / min(ts_ours), tokens_per_step / min(ts_theirs) if ts_theirs else nan),
-                    mfu=fpt * tokens_per_step / min(ts_ours) / (max(pk.samples) * 1e9),
-                    ratio=min(ts_theirs) / min(ts_ours) if ts_theirs else nan,
-                    cpu_mfu=(fpt * tokens_per_step / med(cpu_ours) / (cpu_peak * 1e9),
-                             fpt * tokens_per_step / med(cpu_theirs) / (cpu_peak * 1e9) if cpu_theirs else nan),
-                    cpu_ratio=med(cpu_theirs) / med(cpu_ours) if cpu_theirs else nan)
-        params = count_params(cfg)
-        rows.append(dict(name=name, params=params, fpt=fpt, compile_s=compile_s, best=best, cpu=(med(cpu_ours),
-                         med(cpu_theirs) if cpu_theirs else float("nan")),
-                         ours=(med(ts_ours), min(ts_ours), max(ts_ours), tok_ours, mfu),
-                         theirs=(med(ts_theirs), min(ts_theirs), max(ts_theirs), tok_theirs, mfu_theirs)
-                         if ts_theirs else None, err=err, ratio=ratio,
-                         loss=(ours.losses[0], ours.losses[-1]),
-                         tloss=(theirs.losses[0], theirs.losses[-1]) if theirs else None))
-        if name == "small":
-            result = {"mfu": mfu, "ratio": ratio}
+        samples = {k: [] for k in peers}
+        t_start, r = time.perf_counter(), 0
+        while True:  # interleaved rounds: peak sample, ours, theirs
+            pk.sample()
+            for k, peer in peers.items():
+                samples[k].append(measure(peer.step))
+            print(f"[{name}] round {r}: " + ", ".join(
+                f"{k} {v[-1].wall:.3f} s (cpu {v[-1].cpu:.2f} s, others {v[-1].others:.0%})"
+                for k, v in samples.items()), flush=True)
+            r += 1
+            enough = all(sum(x.clean(mo) for x in v) >= args.steps for v in samples.values())
+            if r >= args.steps and (enough or time.perf_counter() - t_start > args.budget or r >= 4 * args.steps):
+                break
+        row = {"name": name, "params": count_params(cfg), "fpt": fpt, "compile_s": compile_s, "err": err,
+               "rounds": r, "loss": (ours.losses[0], ours.losses[-1]), "peers": {}}
+        for k, v in samples.items():
+            xs, clean = pick(v, min(3, args.steps), mo)
+            wall = [x.wall for x in xs]
+            row["peers"][k] = {"wall": med(wall), "lo": min(wall), "hi": max(wall), "cpu": med([x.cpu for x in xs]),
+                               "n": len(xs), "of": len(v), "clean": clean, "tok": tokens_per_step / med(wall),
+                               "best": tokens_per_step / min(x.wall for x in v),
+                               "loss": (peers[k].losses[0], peers[k].losses[-1])}
+        rows.append(row)
+        for k in ("ours", "transformers"):
+            if k in row["peers"]:
+                print(f"[{name}] {k}: {row['peers'][k]['tok']:,.0f} tok/s over {row['peers'][k]['n']}/"
+                      f"{row['peers'][k]['of']} {'clean ' if row['peers'][k]['clean'] else ''}rounds", flush=True)
+        w = row["peers"]["ours"]["wall"]
         if args.breakdown:
-            att = attention_alone(cfg, args.batch, args.seq)
             n_att = cfg.n_layers + cfg.mtp_depth
-            print(f"[{name}] attention core fwd+bwd alone: {att * 1e3:.0f} ms/layer x {n_att} = "
-                  f"{att * n_att:.2f} s of a {med(ts_ours):.2f} s step ({att * n_att / med(ts_ours):.0%})", flush=True)
+            for variant, att in attention_alone(cfg, args.batch, args.seq, mo).items():
+                print(f"[{name}] attention core fwd+bwd alone ({variant}): {att * 1e3:.0f} ms/layer x {n_att} = "
+                      f"{att * n_att:.2f} s vs the {w:.2f} s step ({att * n_att / w:.0%})", flush=True)
+            if cfg.moe is None:
+                for case, (t, gf) in micro(cfg, args.batch, args.seq, mo).items():
+                    print(f"[{name}] alone: {case}: {t * 1e3:.1f} ms" + (f" ({gf:.0f} GFLOP/s)" if not math.isnan(gf) else ""),
+                          flush=True)
         if args.profile:
-            print_profile(profile_step(ours), args.seq)
-        del ours, theirs
+            print_profile(profile_step(ours), cfg, args.batch, args.seq, w)
+        del ours, peers
 
-    peak, load1 = pk.gflops, os.getloadavg()[0]
-    print(f"\n## Training step, batch {args.batch} x seq {args.seq}, float32, AdamW "
-          f"(matmul peak {peak:.1f} GFLOP/s jax = median of {len(pk.samples)} samples, range "
-          f"{min(pk.samples):.1f}–{max(pk.samples):.1f}; {tpeak:.1f} torch.mm; {n_cpus()} CPUs; "
-          f"load average {load0:.2f} at start, {load1:.2f} at end)\n")
-    if max(load0, load1) > n_cpus() + 0.5:
-        print(f"WARNING: load average above the CPU count: other processes share the machine; times are inflated.\n")
-    print("| config | params (active) | MFLOP/token | implementation | step s (median, min–max) | tok/s | MFU "
-          "| ours / transformers | CPU s/step | MFU per CPU-s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    st, load1 = pk.stats(mo), os.getloadavg()[0]
+    peak, cpu_peak = st["gflops"], st["per_cpu_s"]
     for row in rows:
-        p = row["params"]
-        pp = f"{p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M)" + (f" +{p['mtp'] / 1e6:.2f}M MTP" if p["mtp"] else "")
-        m, lo, hi, tok, mfu = row["ours"]
-        print(f"| {row['name']} | {pp} | {row['fpt'] / 1e6:.1f} | ours (Trainer, one jit) | {m:.3f} ({lo:.3f}–{hi:.3f}) "
-              f"| {tok:,.0f} | {mfu:.1%} | {row['ratio']:.2f} | {row['cpu'][0]:.2f} | {row['best']['cpu_mfu'][0]:.1%} |")
-        if row["theirs"]:
-            m, lo, hi, tok, mfu = row["theirs"]
-            print(f"| {row['name']} | | | transformers eager (SDPA) | {m:.3f} ({lo:.3f}–{hi:.3f}) "
-                  f"| {tok:,.0f} | {mfu:.1%} | | {row['cpu'][1]:.2f} | {row['best']['cpu_mfu'][1]:.1%} |")
-        elif row["err"]:
-            print(f"| {row['name']} | | | transformers: failed ({row['err'][:60]}) | | | | | | |")
-    print(f"\nMFU = flops_per_token * tok/s / matmul peak (medians). MFU per CPU-s = flops_per_token * tokens / "
-          f"(CPU-seconds of the step, all threads) / (GFLOP per CPU-second of the 2048^2 dot, "
-          f"{pk.gflops_per_cpu_s:.1f}): insensitive to time slicing by other processes, inflated by idle cores.\n")
+        for k, p in row["peers"].items():
+            p["mfu"] = row["fpt"] * p["tok"] / (peak * 1e9)
+            p["cpu_mfu"] = row["fpt"] * tokens_per_step / p["cpu"] / (cpu_peak * 1e9)
+        o, t = row["peers"]["ours"], row["peers"].get("transformers")
+        row["ratio"] = o["tok"] / t["tok"] if t else nan
+        row["cpu_ratio"] = t["cpu"] / o["cpu"] if t else nan
+        row["best_ratio"] = o["best"] / t["best"] if t else nan
+        if row["name"] == "small":
+            result = {"mfu": o["mfu"], "ratio": row["ratio"]}
+
+    print(f"\n## Training step, batch {args.batch} x seq {args.seq}, float32, AdamW\n")
+    print(f"Matmul peak {peak:.1f} GFLOP/s (`jax.jit(jnp.dot)` 2048², median of {st['n']}/{st['of']} "
+          f"{'clean ' if st['clean'] else ''}samples; best {st['max']:.1f}); torch.mm {tpeak:.1f}; {n_cpus()} CPUs; "
+          f"load average {load0:.2f} at start, {load1:.2f} at end. A round is *clean* when other processes used "
+          f"< {mo:.0%} of the machine during it; medians are over clean rounds when there are enough.\n")
+    contended = [f"{r['name']}/{k}" for r in rows for k, p in r["peers"].items() if not p["clean"]]
+    if contended:
+        print(f"WARNING: too few clean rounds for {', '.join(contended)}: those medians include time slices taken by "
+              f"other processes (PyTorch's OpenMP threads suffer far more from that than XLA's); rerun on a quiet "
+              f"machine before comparing.\n")
+    print("| config | params (active) | MFLOP/token | implementation | step s (median, min–max) | rounds | tok/s "
+          "| MFU | ours / transformers | CPU s/step | MFU per CPU-s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        b = row["best"]
-        print(f"- {row['name']} best round: ours {b['tok'][0]:,.0f} tok/s, transformers {b['tok'][1]:,.0f} tok/s "
-              f"(ratio {b['ratio']:.2f}); MFU {b['mfu']:.1%} vs the best peak sample {max(pk.samples):.1f}; "
-              f"CPU-time ratio {b['cpu_ratio']:.2f}")
+        pm = row["params"]
+        pp = f"{pm['total'] / 1e6:.2f}M ({pm['active'] / 1e6:.2f}M)" + (f" +{pm['mtp'] / 1e6:.2f}M MTP" if pm["mtp"] else "")
+        for k, label in (("ours", "ours (Trainer, one jit)"), ("transformers", "transformers eager (SDPA)")):
+            if k not in row["peers"]:
+                if k == "transformers" and row["err"]:
+                    print(f"| {row['name']} | | | transformers: failed ({row['err'][:60]}) | | | | | | | |")
+                continue
+            p = row["peers"][k]
+            first = k == "ours"
+            ratio = f"{row['ratio']:.2f}" if first else ""
+            fpt_s = f"{row['fpt'] / 1e6:.1f}" if first else ""
+            print(f"| {row['name'] if first else ''} | {pp if first else ''} | {fpt_s} "
+                  f"| {label} | {p['wall']:.3f} ({p['lo']:.3f}–{p['hi']:.3f}) "
+                  f"| {p['n']}/{p['of']}{' clean' if p['clean'] else ' (contended)'} | {p['tok']:,.0f} "
+                  f"| {p['mfu']:.1%} "
+                  f"| {ratio} "
+                  f"| {p['cpu']:.2f} | {p['cpu_mfu']:.1%} |")
+    print(f"\nMFU = flops_per_token · tok/s / matmul peak. MFU per CPU-s = flops_per_token · tokens / (CPU-seconds of "
+          f"the step, all threads) / (GFLOP per CPU-second of the dot, {cpu_peak:.1f}): insensitive to time slicing, "
+          f"but counts spin-waiting and ignores idle cores.\n")
     for row in rows:
-        extra = f"; transformers loss {row['tloss'][0]:.3f} -> {row['tloss'][1]:.3f}" if row["tloss"] else ""
-        print(f"- {row['name']}: compile + first step {row['compile_s']:.1f} s; our loss "
+        extra = ""
+        if "transformers" in row["peers"]:
+            t = row["peers"]["transformers"]
+            extra = (f"; best round ratio {row['best_ratio']:.2f}; CPU-time ratio {row['cpu_ratio']:.2f}; "
+                     f"transformers loss {t['loss'][0]:.3f} -> {t['loss'][1]:.3f}")
+        print(f"- {row['name']}: compile + first step {row['compile_s']:.1f} s; {row['rounds']} rounds; our loss "
               f"{row['loss'][0]:.3f} -> {row['loss'][1]:.3f}{extra}")
     env = os.environ.get("XLA_FLAGS")
     cmd = (f"XLA_FLAGS={shlex.quote(env)} " if env else "") + "python -m bench.train " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     print(f"\nCommand: `{cmd.strip()}`")
-    print(f"RESULT mfu={result.get('mfu', float('nan')):.4f} "
-          f"speedup_vs_transformers={result.get('ratio', float('nan')):.3f}")
+    print(f"RESULT mfu={result.get('mfu', nan):.4f} speedup_vs_transformers={result.get('ratio', nan):.3f}")
 
 
 if __name__ == "__main__":
