@@ -12,7 +12,7 @@ at segment ends where the next token starts another document, and on SFT prompt 
 
 Pipeline (the same for every process; each process keeps its slice of the global batch):
 
-    records (synthetic | memory | jsonl | parquet/arrow)  -- grain.MapDataset.source
+    records (synthetic | memory | jsonl | parquet/arrow; train/sources.py)  -- grain.MapDataset.source
       -> shuffle(seed) per epoch (reshuffled each epoch) -> repeat(num_epochs or forever)
       -> tokenise: pretrain [bos] text [eos], every token but the first is a target;
                    sft [bos] template(prompt) | sep response [eos], targets only on the response part (+ eos)
@@ -31,8 +31,6 @@ stay whole; each row's last token is only a target, which costs nothing because 
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import weakref
 from collections.abc import Sequence
@@ -42,16 +40,18 @@ from typing import Any
 import grain
 import numpy as np
 
+from train.sources import (  # noqa: F401
+    _check,
+    _needed_fields,
+    load_records,
+    synthetic_example,
+    synthetic_problem,
+)
 from train.tokenizer import Tokenizer, load_tokenizer, validate_vocab  # noqa: F401  (re-exported)
 
 KINDS = ("pretrain", "sft", "prompts")  # prompts: RL prompt/answer records (no batching here)
 SOURCES = ("synthetic", "memory", "jsonl", "parquet")
 STATE_VERSION = 1
-
-
-def _check(ok, name, msg):
-    if not ok:
-        raise ValueError(f"{name}: {msg}")
 
 
 @dataclass(frozen=True)
@@ -161,197 +161,6 @@ def _is_int(x):
 def render_prompt(cfg: DataConfig, prompt: str) -> str:
     """The SFT prompt text (without BOS) that precedes `cfg.response_sep + response`."""
     return cfg.chat_template.format(prompt=prompt)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic arithmetic
-
-_OPS = "+-*"
-
-
-def _operand(rng, op):
-    return int(rng.integers(0, 13)) if op == "*" else int(rng.integers(0, 100))
-
-
-def _apply(a, op, b):
-    return a + b if op == "+" else a - b if op == "-" else a * b
-
-
-def synthetic_problem(rng) -> tuple[str, list[str], int]:
-    """(expression, reasoning steps, value) of a random 2- or 3-term integer expression with + - *."""
-    n = 2 if rng.random() < 0.5 else 3
-    ops = [_OPS[int(rng.integers(0, 3))] for _ in range(n - 1)]
-    nums = [_operand(rng, ops[0])] + [_operand(rng, op) for op in ops]
-    expr = "".join(f"{x}{op}" for x, op in zip(nums, ops)) + str(nums[-1])
-    if n == 2:
-        v = _apply(nums[0], ops[0], nums[1])
-        return expr, [f"{expr}={v}"], v
-    a, b, c = nums
-    o1, o2 = ops
-    if o2 == "*" and o1 != "*":  # precedence: b*c first
-        t = b * c
-        v = _apply(a, o1, t)
-        return expr, [f"{b}*{c}={t}", f"{a}{o1}{t}={v}"], v
-    t = _apply(a, o1, b)
-    v = _apply(t, o2, c)
-    return expr, [f"{a}{o1}{b}={t}", f"{t}{o2}{c}={v}"], v
-
-
-def synthetic_example(seed: int, index: int) -> dict[str, str]:
-    """Record `index` of the synthetic source: deterministic in (seed, index).
-
-    Keys: 'text' (1-8 lines like 'Q: 12+7*3=? A: 33'), 'prompt' ('What is 12+7*3?'),
-    'response' ('<think>7*3=21, 12+21=33</think> <answer>33</answer>') and 'answer' ('33').
-    """
-    rng = np.random.default_rng([int(seed), int(index)])
-    lines = []
-    for _ in range(int(rng.integers(1, 9))):
-        expr, _, v = synthetic_problem(rng)
-        lines.append(f"Q: {expr}=? A: {v}")
-    expr, steps, v = synthetic_problem(rng)
-    return {"text": "\n".join(lines), "prompt": f"What is {expr}?",
-            "response": f"<think>{', '.join(steps)}</think> <answer>{v}</answer>", "answer": str(v)}
-
-
-class _Synthetic(Sequence):
-    def __init__(self, cfg: DataConfig):
-        self._seed, self._n = cfg.seed, cfg.synthetic_size
-        self._keys = {"text": cfg.text_field, "prompt": cfg.prompt_field, "response": cfg.response_field,
-                      "answer": "answer"}
-
-    def __len__(self):
-        return self._n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self._n:
-            raise IndexError(i)
-        return {self._keys[k]: v for k, v in synthetic_example(self._seed, i).items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# File sources
-
-
-def _files(path: str, patterns: tuple[str, ...]) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"data file or directory not found: {path}")
-    state = os.path.join(path, "state.json")  # datasets.save_to_disk
-    if ".arrow" in "".join(patterns) and os.path.isfile(state):
-        with open(state, encoding="utf-8") as f:
-            names = [d["filename"] for d in json.load(f).get("_data_files", [])]
-        if names:
-            return [os.path.join(path, n) for n in names]
-    files = sorted(f for p in patterns for f in glob.glob(os.path.join(path, p)))
-    if not files:
-        raise FileNotFoundError(f"no {' or '.join(patterns)} files in data directory: {path}")
-    return files
-
-
-def _read_jsonl(path: str, fields: dict[str, str]) -> list[dict]:
-    out = []
-    for fn in _files(path, ("*.jsonl",)):
-        with open(fn, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{fn}:{lineno}: invalid JSON ({e})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{fn}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                for k, name in fields.items():
-                    _check(isinstance(rec.get(k), str), name,
-                           f"{fn}:{lineno}: needs a string field {k!r} (fields: {sorted(rec)})")
-                out.append({k: rec[k] for k in fields})
-    return out
-
-
-def _read_arrow_table(fn: str, fields: dict[str, str]):
-    """The `fields` columns of a Parquet file or an Arrow IPC stream/file (memory-mapped)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if fn.endswith(".parquet"):
-        names = pq.read_schema(fn).names
-    else:
-        source = pa.memory_map(fn, "r")
-        try:
-            table = pa.ipc.open_stream(source).read_all()  # what datasets writes
-        except pa.ArrowInvalid:
-            source.seek(0)
-            table = pa.ipc.open_file(source).read_all()
-        names = table.column_names
-    for k, name in fields.items():
-        _check(k in names, name, f"file {fn} has no column {k!r} (columns: {names})")
-    return pq.read_table(fn, columns=list(fields)) if fn.endswith(".parquet") else table.select(list(fields))
-
-
-class _ArrowRecords(Sequence):
-    """Random access to the needed columns of a pyarrow Table; rows come back as dicts."""
-
-    def __init__(self, path: str, fields: dict[str, str]):
-        import pyarrow as pa
-
-        tables = [_read_arrow_table(fn, fields) for fn in _files(path, ("*.parquet", "*.arrow"))]
-        self._table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        self._cols = {k: self._table.column(k) for k in fields}
-
-    def __len__(self):
-        return self._table.num_rows
-
-    def __getitem__(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return {k: c[i].as_py() for k, c in self._cols.items()}
-
-
-def _needed_fields(cfg: DataConfig) -> dict[str, str]:
-    if cfg.kind == "pretrain":
-        return {cfg.text_field: "data.text_field"}
-    if cfg.kind == "prompts":
-        return {cfg.prompt_field: "data.prompt_field", "answer": "answer"}
-    return {cfg.prompt_field: "data.prompt_field", cfg.response_field: "data.response_field"}
-
-
-def load_records(cfg: DataConfig, records: Sequence | None = None) -> Sequence:
-    """The records of `cfg.source` as a random-access sequence (strings or dicts).
-
-    Raises FileNotFoundError for a missing path and ValueError when records lack the configured fields.
-    """
-    fields = _needed_fields(cfg)
-    if cfg.source == "memory":
-        _check(records is not None, "records", "source 'memory' needs records=[...] (strings or dicts)")
-        recs = records
-    else:
-        _check(records is None, "records", f"records= is only used with source 'memory', not {cfg.source!r}")
-        if cfg.source == "synthetic":
-            recs = _Synthetic(cfg)
-        elif cfg.source == "jsonl":
-            recs = _read_jsonl(os.fspath(cfg.path), fields)
-        else:
-            recs = _ArrowRecords(os.fspath(cfg.path), fields)
-    _check(len(recs) > 0, "data.source", f"{cfg.source!r} gave no records" + (f" ({cfg.path})" if cfg.path else ""))
-    if cfg.source == "memory":
-        for i, rec in enumerate(recs):
-            _check_record(cfg, rec, i)
-    else:
-        _check_record(cfg, recs[0], 0)
-    return recs
-
-
-def _check_record(cfg: DataConfig, rec, index):
-    if isinstance(rec, str):
-        _check(cfg.kind == "pretrain", "records", f"record {index} is a string; SFT needs dicts with "
-               f"{cfg.prompt_field!r} and {cfg.response_field!r}")
-        return
-    _check(isinstance(rec, dict), "records", f"record {index} must be a string or dict, got {type(rec).__name__}")
-    for k, name in _needed_fields(cfg).items():
-        _check(k in rec, name, f"record {index} has no field {k!r} (fields: {sorted(rec)})")
-        _check(isinstance(rec[k], str), name, f"record {index} field {k!r} must be a string, got "
-               f"{type(rec[k]).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
