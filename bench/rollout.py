@@ -2,8 +2,8 @@
 Tunix's `Sampler`.
 
     python -m bench.rollout [--batch 64 --prompt 64 --new 128] [--rounds 5] [--budget 120] [--max-others 0.1]
-                            [--no-torch] [--no-tunix] [--tunix-python /tmp/tunix_venv/bin/python]
-                            [--profile] [--xla-sweep]
+                            [--quiet-wait 5] [--no-torch] [--no-tunix] [--tunix-python /tmp/tunix_venv/bin/python]
+                            [--also-devices 2] [--devices 1] [--profile] [--xla-sweep] [--what-if]
 
 Workload: the small config (`small_qwen2()`: Qwen2-style, vocab 512, d 256, 6 layers, 8 heads / 2 KV heads,
 head_dim 32, MLP 768), random weights, `batch` prompts of `prompt` random tokens (all full length), `new` new tokens
@@ -21,6 +21,10 @@ tokens/s = batch * new / median wall time of one call (prefill + decode + gettin
   google-tunix is an optional peer: it is imported in this process if it is installed here, otherwise it runs in a
   persistent worker process under `--tunix-python` (default /tmp/tunix_venv/bin/python, a separate venv with
   `pip install google-tunix`), which times its own calls; without either, tunix is reported as nan.
+- ours on N devices (`--also-devices 2`, 0 = off): the same call in a worker process started with
+  XLA_FLAGS=--xla_force_host_platform_device_count=N and `mesh=` a data=N mesh, so the batch is split and each
+  XLA CPU device decodes its half on its own thread. Reported in the table, not in RESULT (it needs the env var).
+  `--devices N` runs ours itself that way (the env var must then be set by the caller).
 
 Rounds are interleaved (ours, transformers, tunix, ours, ...). Shared machines: each timed call also reads
 /proc/stat and is *clean* if other processes (and steal) used less than --max-others of the machine's CPU capacity
@@ -32,6 +36,9 @@ script waits up to --quiet-wait seconds for a quiet half second.
 (forward only, the step's matmuls alone, attention over the cache alone) times `new`, against the whole call; and
 a jax.profiler trace of one call, per-HLO-op time grouped by kind.
 `--xla-sweep`: re-runs ours (only) in subprocesses under several XLA_FLAGS thread settings.
+`--what-if`: re-runs ours in subprocesses with candidate fixes monkeypatched in (`apply_patches`: q/k/v projection
+layout, decode attention as multiply+reduce, Gumbel-max without argmax, prefill on the prompt slots / last logits
+only) and on 2 devices; the token checksum (fixed key) shows the samples do not change.
 
 Prints markdown tables, the command line, and as its last line
 `RESULT speedup_vs_transformers=<ratio> speedup_vs_tunix=<ratio or nan>` (ours tokens/s over theirs).
@@ -453,10 +460,10 @@ def profile_parts(ours: Ours) -> list[tuple[str, float, str]]:
     t_att = _time_calls(lambda: jax.block_until_ready(attn(q, kc, kc)), 30)
     rows.append((f"  attention over the {total}-slot cache alone (x {cfg.n_layers} layers) x {new}", t_att * new,
                  f"{t_att * 1e3:.2f} ms/step"))
+    whole = _time_calls(ours.run, 5, warmup=1)
     t_one = _time_calls(lambda: jax.device_get(ours.generate(cfg, params, ours.prompts, ours.lens, 1, 1.0, key).tokens), 5)
     rows.append(("generate with 1 new token (prefill + 1 sample; cache of prompt + 1 slots)", t_one,
                  f"in-loop step = (whole - this) / {new - 1} = {(whole - t_one) / (new - 1) * 1e3:.2f} ms"))
-    whole = _time_calls(ours.run, 5, warmup=1)
     rows.append(("whole generate call (timed again here)", whole, f"{(whole - t_pre) / new * 1e3:.2f} ms/step "
                  "after prefill"))
     return rows
