@@ -42,6 +42,7 @@ class Experiment:
     steps: int = 200
     batch_size: int = 16  # global, in sequences
     seed: int = 0
+    init_from: str = ""  # a fresh run starts from: a pretraining / SFT / GRPO run_dir, an HF dir, or '' (random)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     tensorboard: bool = True
     progress: bool = True
@@ -76,7 +77,7 @@ class RLExperiment:
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=20))
     rewards: tuple[str, ...] = ("format", "accuracy")  # names in rl.rewards.REWARDS
     reward_weights: tuple[float, ...] = (1.0, 1.0)
-    init_from: str = ""  # a pretraining run_dir (its newest checkpoint), an HF checkpoint dir, or '' (random)
+    init_from: str = ""  # a pretraining / SFT or GRPO run_dir (newest checkpoint; a GRPO run's policy), an HF dir, or ''
     max_prompt_len: int = 64  # prompt tokens (left-truncated); fixed so rollouts compile once
     run_dir: str = ""
     steps: int = 50

@@ -12,6 +12,7 @@ synthetic training sets the run (and its `init_from` base) drew from, ~13 s per 
 JSONL records with 'prompt' (or the config's prompt field), 'answer' and optionally 'difficulty'. Prompts are rendered
 with the run's chat template unless `--template` is given. Writes the metrics of `rl.evaluate.evaluate` plus run
 metadata to --out (default RUN_DIR/eval.json); `--samples` also writes every completion to RUN_DIR/eval_samples.jsonl.
+From Python, `evaluate_run(run_dir, records, k=..., ...)` does the same for any records (the R1 stages' eval.json).
 """
 
 from __future__ import annotations
@@ -60,26 +61,18 @@ def read_run_config(run_dir: str) -> dict:
     return saved
 
 
-def _contains(seq: list, sub: list) -> bool:
-    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
-
-
 def load_run_params(run_dir: str, saved: dict, model_cfg, mesh, rules=None):
-    """(params, checkpoint step) of the newest intact checkpoint of a pretraining or GRPO run directory.
+    """(params, checkpoint step) of the newest intact checkpoint of a pretraining / SFT or GRPO run directory.
 
-    Only the policy params are read: from the state itself (pretraining / SFT: {'params', 'opt_state', 'step'}) or
-    from its 'train' entry (GRPO: {'train': {...}, 'ref': ...}); every other array (optimizer moments, reference
-    params) is left out of the (partial) restore and never loaded. Integrity: the restored params' fingerprints must appear, in
-    order, in the checkpoint's fingerprint list (train.checkpoint); a step that fails is skipped for the previous.
+    Only the policy params are read (train.checkpoint.Checkpointer.restore_params): from the state itself
+    (pretraining / SFT) or from its 'train' entry (GRPO); optimizer moments and reference params are never loaded.
     """
     import jax
-    import orbax.checkpoint as ocp
-    from etils import epath
 
     from model import init_params
     from sharding import DEFAULT_RULES, param_shardings
     from sharding.rules import use_rules
-    from train.checkpoint import Checkpointer, fingerprint
+    from train.checkpoint import Checkpointer
 
     rules = rules or DEFAULT_RULES
     ckdir = os.path.abspath(os.path.join(run_dir, "checkpoints"))
@@ -91,25 +84,13 @@ def load_run_params(run_dir: str, saved: dict, model_cfg, mesh, rules=None):
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
     ckpt = Checkpointer(ckdir)
     try:
-        for step in reversed(ckpt.steps()):
-            try:
-                saved_tree = ocp.StandardCheckpointHandler().metadata(epath.Path(ckdir) / str(step) / "state").tree
-                target = {"train": {"params": abstract}} if "train" in saved_tree else {"params": abstract}
-                out = ckpt.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(
-                        target), partial_restore=True),
-                    meta=ocp.args.JsonRestore()))
-                state, meta = out["state"], out["meta"]
-                params = state["train"]["params"] if "train" in state else state["params"]
-                if not _contains(list(meta["fingerprint"]), fingerprint(params)):
-                    raise ValueError("array fingerprints do not match (corrupted data)")
-                return params, int(meta.get("step", step))
-            except Exception as e:  # corrupted, truncated or from another config
-                log.warning("checkpoint step %d in %s is unusable (%s: %s); trying the previous one",
-                            step, ckdir, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        restored = ckpt.restore_params(abstract)
     finally:
         ckpt.close()
-    raise FileNotFoundError(f"{ckdir}: no usable checkpoint")
+    if restored is None:
+        raise FileNotFoundError(f"{ckdir}: no usable checkpoint")
+    params, meta = restored
+    return params, int(meta["step"])
 
 
 def _seen_seeds(run_dir: str, saved: dict) -> list[tuple[int, int]]:
@@ -134,6 +115,58 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_tokens: int = 48,
+                 temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, batch_size: int = 64,
+                 max_prompt_len: int = 0, template: str | None = None, out: str = "", samples: bool = False,
+                 meta: dict | None = None) -> dict:
+    """Evaluate the newest checkpoint of a pretraining / SFT / GRPO run directory on `records` and write the metrics
+    of `rl.evaluate.evaluate` plus run metadata to `out` (default RUN_DIR/eval.json); returns what it wrote.
+
+    Prompts are rendered with the run's chat template unless `template` is given; `max_prompt_len` 0 uses the run's
+    (GRPO) or the longest prompt; sampling uses `jax.random.key(seed)`. `samples=True` also writes every completion to
+    eval_samples.jsonl beside `out`. `meta` adds fields to the 'eval' entry.
+    """
+    import jax
+
+    from rl.evaluate import evaluate
+    from sharding import make_mesh
+    from sharding.mesh import MeshConfig
+    from train.data import DataConfig, load_tokenizer, validate_vocab
+
+    saved = read_run_config(run_dir)
+    model_cfg = model_config_from_dict(saved["model"])
+    data_cfg = dataclass_from_dict(DataConfig, saved.get("prompts") or saved["data"])
+    tok = load_tokenizer(data_cfg.tokenizer)
+    validate_vocab(tok, model_cfg.vocab_size)
+    try:
+        mesh = make_mesh(dataclass_from_dict(MeshConfig, saved.get("mesh") or {}))
+    except ValueError as e:
+        log.warning("saved mesh does not fit these devices (%s); using all devices as data-parallel", e)
+        mesh = make_mesh(MeshConfig())
+    t0 = time.perf_counter()
+    params, step = load_run_params(run_dir, saved, model_cfg, mesh)
+    t1 = time.perf_counter()
+    metrics = evaluate(model_cfg, params, tok, records, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, max_prompt_len=max_prompt_len or saved.get("max_prompt_len") or None,
+                       template=template, data_cfg=data_cfg if template is None else None,
+                       rng=jax.random.key(seed), batch_size=batch_size, mesh=mesh, details=samples)
+    problems = metrics.pop("problems", None)
+    result = {**metrics,
+              "run_dir": run_dir, "checkpoint_step": step,
+              "eval": {"k": k, "n": len(records), "max_new_tokens": max_new_tokens, "temperature": temperature,
+                       "top_p": top_p, "seed": seed,
+                       "template": template if template is not None else data_cfg.chat_template, **(meta or {})},
+              "time_eval_s": time.perf_counter() - t1, "time_total_s": time.perf_counter() - t0}
+    path = out or os.path.join(run_dir, "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    if problems is not None:
+        with open(os.path.join(os.path.dirname(path) or ".", "eval_samples.jsonl"), "w") as fh:
+            fh.writelines(json.dumps(prob) + "\n" for prob in problems)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.eval", description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
@@ -154,30 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore step at INFO
 
-    import jax
-
-    from rl.evaluate import evaluate, held_out_problems, seen_synthetic_prompts
-    from sharding import make_mesh
-    from sharding.mesh import MeshConfig
-    from train.data import DataConfig, load_tokenizer, validate_vocab
+    from rl.evaluate import held_out_problems, seen_synthetic_prompts
 
     try:
         saved = read_run_config(args.run_dir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model_cfg = model_config_from_dict(saved["model"])
-    data_cfg = dataclass_from_dict(DataConfig, saved.get("prompts") or saved["data"])
-    tok = load_tokenizer(data_cfg.tokenizer)
-    validate_vocab(tok, model_cfg.vocab_size)
-    try:
-        mesh = make_mesh(dataclass_from_dict(MeshConfig, saved.get("mesh") or {}))
-    except ValueError as e:
-        log.warning("saved mesh does not fit these devices (%s); using all devices as data-parallel", e)
-        mesh = make_mesh(MeshConfig())
-    t0 = time.perf_counter()
-    params, step = load_run_params(args.run_dir, saved, model_cfg, mesh)
-
     exclude = set()
     seen = _seen_seeds(args.run_dir, saved) if args.exclude_seen and not args.records else []
     for seed, size in seen:
@@ -185,27 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         exclude |= seen_synthetic_prompts(seed, size)
     records = _read_jsonl(args.records)[:args.n] if args.records else held_out_problems(args.seed, args.n,
                                                                                          exclude=exclude)
-    max_prompt_len = args.max_prompt_len or saved.get("max_prompt_len") or None
-    t1 = time.perf_counter()
-    metrics = evaluate(model_cfg, params, tok, records, k=args.k, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, max_prompt_len=max_prompt_len,
-                       template=args.template, data_cfg=data_cfg if args.template is None else None,
-                       rng=jax.random.key(args.seed), batch_size=args.batch_size, mesh=mesh, details=args.samples)
-    problems = metrics.pop("problems", None)
-    out = {**metrics,
-           "run_dir": args.run_dir, "checkpoint_step": step,
-           "eval": {"k": args.k, "n": len(records), "max_new_tokens": args.max_new_tokens,
-                    "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-                    "records": args.records or "synthetic_held_out", "excluded_seen_seeds": [s for s, _ in seen],
-                    "template": args.template if args.template is not None else data_cfg.chat_template},
-           "time_eval_s": time.perf_counter() - t1, "time_total_s": time.perf_counter() - t0}
-    path = args.out or os.path.join(args.run_dir, "eval.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(out, fh, indent=2)
-    if problems is not None:
-        with open(os.path.join(os.path.dirname(path) or ".", "eval_samples.jsonl"), "w") as fh:
-            fh.writelines(json.dumps(prob) + "\n" for prob in problems)
+    metrics = evaluate_run(args.run_dir, records, k=args.k, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           batch_size=args.batch_size, max_prompt_len=args.max_prompt_len, template=args.template,
+                           out=args.out, samples=args.samples,
+                           meta={"records": args.records or "synthetic_held_out",
+                                 "excluded_seen_seeds": [s for s, _ in seen]})
+    step, path = metrics["checkpoint_step"], args.out or os.path.join(args.run_dir, "eval.json")
     k = metrics["k"]
     print(f"step {step}: pass@1 {metrics['pass@1']:.3f}  pass@{k} {metrics['pass@k']:.3f}  "
           f"maj@{k} {metrics['maj@k']:.3f}  format {metrics['format_rate']:.3f}  think {metrics['think_usage']:.3f}  "

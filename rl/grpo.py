@@ -43,6 +43,7 @@ class GRPOConfig:
     epsilon_high: float = 0.2  # clip range above 1 (DAPO clip-higher: 0.28; GSPO: 4e-4 with low 3e-4)
     beta: float = 0.0  # k3 KL weight; 0 needs no reference model
     ref_reset_every: int = 0  # reset the reference to the policy every K steps (R1: 400); 0 = never
+    log_kl: bool = False  # with beta = 0, still keep the reference and report KL to it (one more scoring pass)
     num_iterations: int = 1  # μ: passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per pass
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
@@ -143,10 +144,11 @@ def policy_objective(cfg: GRPOConfig, logp, old_logp, ref_logp, adv, mask):
     """
     tok_loss, ratio = POLICY_LOSSES[cfg.policy_loss](logp, old_logp, adv, mask, cfg.epsilon_low, cfg.epsilon_high)
     metrics = {}
-    if cfg.beta > 0:
+    if ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
-        tok_loss = tok_loss + cfg.beta * kl
-        metrics["kl"] = token_mean(kl, mask)
+        if cfg.beta > 0:
+            tok_loss = tok_loss + cfg.beta * kl
+        metrics["kl"] = token_mean(jax.lax.stop_gradient(kl) if cfg.beta == 0 else kl, mask)
     loss = AGGREGATIONS[cfg.loss_agg](tok_loss, mask)
     a = adv[:, None]
     low = (ratio < 1 - cfg.epsilon_low) & (a < 0)

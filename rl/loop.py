@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.hf import load_hf
 from rl.evaluate import think_used
 from rl.grpo import ADVANTAGES, policy_objective, token_mean
 from rl.logprobs import completion_logprobs
@@ -30,8 +29,9 @@ from rl.tasks import PromptSource, encode_prompts
 from sharding import make_mesh
 from sharding.distributed import initialize
 from train.checkpoint import Checkpointer, key_data, key_from_data
-from train.config import LossConfig, OptimConfig
+from train.config import LossConfig
 from train.data import load_tokenizer, validate_vocab
+from train.loop import load_base_params
 from train.metrics import MetricsWriter, plot_metrics
 from train.step import Trainer
 
@@ -44,25 +44,6 @@ def reward_function(names, weights):
     if unknown:
         raise ValueError(f"rewards: unknown {unknown}; known: {sorted(REWARDS)}")
     return combine({n: (REWARDS[n], w) for n, w in zip(names, weights)})
-
-
-def load_base_params(path: str, trainer: Trainer):
-    """Params from a pretraining run directory (newest intact checkpoint) or an HF checkpoint directory."""
-    if os.path.exists(os.path.join(path, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(path)):
-        _, params = load_hf(path)
-        return params
-    with open(os.path.join(path, "config.json")) as fh:
-        saved = json.load(fh)
-    optim = OptimConfig(**{**saved["optim"], "total_steps": saved["optim"]["total_steps"] or saved["steps"]})
-    base = Trainer(trainer.cfg, optim, LossConfig(**saved["loss"]), trainer.mesh)
-    state = base.init_state(0)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"))
-    restored = ckpt.restore(abstract)
-    ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"init_from={path!r}: no usable checkpoint under {path}/checkpoints")
-    return restored[0]["params"]
 
 
 class GRPO:
@@ -106,8 +87,9 @@ class GRPO:
         if g.overlong_cache:
             from rl.rewards import soft_overlong_penalty
             rewards = rewards + np.asarray(soft_overlong_penalty(out.lengths, g.max_new_tokens, g.overlong_cache))
-        return {"prompts": prompts, "prompt_lens": lens, "completions": np.asarray(out.tokens),
-                "lengths": np.asarray(out.lengths), "truncated": np.asarray(out.truncated), "rewards": rewards,
+        # np.array copies: device_get's arrays are read-only, and dynamic sampling overwrites groups in place
+        return {"prompts": prompts, "prompt_lens": lens, "completions": np.array(out.tokens),
+                "lengths": np.array(out.lengths), "truncated": np.array(out.truncated), "rewards": rewards,
                 "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": texts}
 
     def rollout(self, params, rng):
@@ -148,7 +130,7 @@ class GRPO:
         needs_old = g.num_iterations > 1 or g.mini_batches > 1
         batch["old_logp"] = (np.asarray(self._score(state["params"], *args)[0]) if needs_old
                              else np.zeros_like(mask))
-        if g.beta > 0:
+        if g.beta > 0 or g.log_kl:
             batch["ref_logp"] = np.asarray(self._score(ref, *args)[0])
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -226,11 +208,10 @@ def grpo(exp, records=None, eval_records=None, eval_k: int = 8) -> dict:
     trainer = algo.trainer
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.checkpoint.keep,
                         async_save=exp.checkpoint.async_save)
-    state = trainer.init_state(exp.seed)
-    if exp.init_from:
-        state = trainer.state_from_params(load_base_params(exp.init_from, trainer))
+    state = (trainer.state_from_params(load_base_params(exp.init_from, trainer)) if exp.init_from
+             else trainer.init_state(exp.seed))
     # copies: the train step donates (reuses) the state's buffers
-    ref = jax.tree.map(jnp.copy, state["params"]) if exp.grpo.beta > 0 else None
+    ref = jax.tree.map(jnp.copy, state["params"]) if exp.grpo.beta > 0 or exp.grpo.log_kl else None
     rng, start = jax.random.key(exp.seed), 0
     if ckpt.steps():
         full = {"train": state, **({"ref": ref} if ref is not None else {})}

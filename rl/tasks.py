@@ -6,6 +6,8 @@ rendered with the data config's chat template (R1's template for R1-Zero runs).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from train.data import DataConfig, load_records, render_prompt
@@ -62,36 +64,59 @@ def encode_prompts(tokenizer, texts: list[str], width: int, bos: bool = True):
 
 
 # ---- digit chains: a task where written reasoning pays ----------------------------------------------------------
-# "What is 3+5-9+2 mod 10?" Each written step (one digit op mod 10) is one of 200 facts, learnable to ~100 %
-# by a tiny model; the direct answer to a k-term chain needs all k-1 steps done silently, which a tiny
-# model cannot, so its guesses sit near chance (10 %). A base that reasons in some of its samples has
-# pass@k >> pass@1 on long chains: exactly what R1-Zero-style RL can sharpen (tiny-r1-zero-lessons.md).
+# "3 +5=? -9=? +2=?  (mod 10)": a worksheet of signed digits, summed mod 10. The worked response fills the
+# blanks in order, "<think>3 +5=8 -9=9 +2=1</think> <answer>1</answer>"; a direct one is
+# "<think></think> <answer>1</answer>". Why this layout (tiny-r1-zero-lessons.md, lesson 1: the written steps
+# must be near-perfect or RL learns to stop reasoning):
+# - every step is one of 40 facts (a ± d mod 10, d in 1..max_step=2) whose three inputs sit at FIXED distances: the previous
+#   running value 5 tokens back, and the op and digit exactly at the matching prompt slot, because the worksheet
+#   is right-padded to `max_terms` slots, so prompt slot j and reasoning step j are the same number of tokens
+#   apart in every problem (one byte per character, one RoPE offset per input: the easiest thing attention learns);
+# - small steps keep each fact learnable by gradient descent: the result is a ±1/±2 neighbour of the running
+#   value, so it correlates with each input on its own. With d in 0..9, (a + d) mod 10 is independent of a and
+#   of d separately (an XOR-like table): a measured 1.8M-parameter base stayed at chance on it (value tokens 11 %
+#   right after 300 steps) while it copied ops and digits perfectly;
+# - the direct answer to a k-term chain needs all k-1 steps done silently, which a tiny model cannot do beyond
+#   two or three terms, so a base that reasons in some samples has pass@k >> pass@1 on long chains.
+# 'difficulty' is the number of terms.
 
-def digit_chain(seed: int, index: int, min_terms: int = 2, max_terms: int = 6) -> dict:
-    """Record {'prompt', 'answer', 'difficulty' (terms), 'reasoning' (the worked response), 'direct'}."""
+SLOT = 5  # characters per term after the first: " +5=?" in the prompt, " +5=8" in the reasoning
+
+
+def digit_chain(seed: int, index: int, min_terms: int = 2, max_terms: int = 6, modulus: int = 10,
+                max_step: int = 2) -> dict:
+    """Record {'prompt', 'answer', 'difficulty' (terms), 'reasoning' (worked response), 'direct' (answer only)}.
+
+    The first term is a digit in [0, modulus); every later one is ±d with d in [1, max_step].
+    """
+    if not 2 <= min_terms <= max_terms or not 2 <= modulus <= 10 or not 1 <= max_step <= 9:
+        raise ValueError(f"digit_chain: need 2 <= min_terms <= max_terms, 2 <= modulus <= 10, 1 <= max_step <= 9; "
+                         f"got {min_terms}, {max_terms}, {modulus}, {max_step}")
     rng = np.random.default_rng([seed, index, 10])
     k = int(rng.integers(min_terms, max_terms + 1))
-    digits = [int(d) for d in rng.integers(0, 10, k)]
+    digits = [int(rng.integers(0, modulus))] + [int(d) for d in rng.integers(1, max_step + 1, k - 1)]
     ops = ["+" if rng.random() < 0.5 else "-" for _ in range(k - 1)]
-    value, steps = digits[0], []
+    value, steps = digits[0], [str(digits[0])]
     for op, d in zip(ops, digits[1:]):
-        new = (value + d if op == "+" else value - d) % 10
-        steps.append(f"{value}{op}{d}={new}")
-        value = new
-    expr = str(digits[0]) + "".join(f"{op}{d}" for op, d in zip(ops, digits[1:]))
-    return {"prompt": f"What is {expr} mod 10?", "answer": str(value), "difficulty": k,
-            "reasoning": f"<think>{' '.join(steps)}</think> <answer>{value}</answer>",
+        value = (value + d if op == "+" else value - d) % modulus
+        steps.append(f" {op}{d}={value}")
+    sheet = str(digits[0]) + "".join(f" {op}{d}=?" for op, d in zip(ops, digits[1:]))
+    width = 1 + SLOT * (max_terms - 1)
+    return {"prompt": f"{sheet:<{width}} (mod {modulus})", "answer": str(value), "difficulty": k,
+            "reasoning": f"<think>{''.join(steps)}</think> <answer>{value}</answer>",
             "direct": f"<think></think> <answer>{value}</answer>"}
 
 
-def digit_chain_corpus(seed: int, n: int, reason_prob: float, template: str, **kw) -> list[dict]:
-    """Pretraining documents: the chat-formatted problem with a worked (prob `reason_prob`) or bare answer."""
+def digit_chain_corpus(seed: int, n: int, reason_prob: float, **kw) -> list[dict]:
+    """Base-training records {'prompt', 'response'}: the worked response with probability `reason_prob`, else
+    the bare answer. Train them as kind="sft" (loss on the response only): the prompt's random digits are
+    unpredictable noise whose gradient only slows learning the steps."""
     rng = np.random.default_rng([seed, 11])
     docs = []
     for i in range(n):
         rec = digit_chain(seed, i, **kw)
-        response = rec["reasoning"] if rng.random() < reason_prob else rec["direct"]
-        docs.append({"text": template.format(prompt=rec["prompt"]) + " " + response})
+        docs.append({"prompt": rec["prompt"],
+                     "response": rec["reasoning"] if rng.random() < reason_prob else rec["direct"]})
     return docs
 
 
@@ -99,3 +124,34 @@ def digit_chain_prompts(seed: int, n: int, **kw) -> list[dict]:
     """RL / evaluation prompts {'prompt', 'answer', 'difficulty'}; use disjoint seeds for train and held-out."""
     return [{k: v for k, v in digit_chain(seed, i, **kw).items() if k in ("prompt", "answer", "difficulty")}
             for i in range(n)]
+
+
+_STEP = re.compile(r" ([+-])(\d)=(\d)")
+
+
+def digit_chain_steps(prompt: str, completion: str, max_chars: int = 4096) -> tuple[int, int]:
+    """(correct steps, written steps) of a completion's worked reasoning against the prompt's worksheet.
+
+    A written step j is correct iff it restates the prompt's j-th op and digit and its value is the previous
+    running value (the first term, then the previous step's value as written) ± that digit mod the modulus —
+    so a step is judged on its own, given the model's previous line (lesson 5: track the reasoning path's
+    accuracy, not the loss). Only the first <think>…</think> is read; input is cut at `max_chars`.
+    """
+    m = re.match(r"(\d)((?: [+-]\d=\?)*)\s*\(mod (\d+)\)", prompt)
+    if not isinstance(completion, str) or m is None:
+        return 0, 0
+    modulus, terms = int(m.group(3)), re.findall(r"([+-])(\d)", m.group(2))
+    text = completion[:max_chars]
+    start, end = text.find("<think>"), text.find("</think>")
+    if start < 0 or end < start:
+        return 0, 0
+    body = text[start + len("<think>"):end]
+    if not body.startswith(m.group(1)):
+        return 0, len(_STEP.findall(body))
+    value, good, written = int(m.group(1)), 0, 0
+    for j, (op, d, v) in enumerate(_STEP.findall(body)):
+        written += 1
+        want = (value + int(d) if op == "+" else value - int(d)) % modulus
+        good += j < len(terms) and (op, d) == terms[j] and int(v) == want
+        value = int(v)
+    return good, written

@@ -83,3 +83,16 @@ def test_config_validation_names_fields():
         GRPOConfig(num_generations=4, prompts_per_step=3, mini_batches=5)
     with pytest.raises(ValueError, match="grpo.num_generations"):
         GRPOConfig(num_generations=1)
+
+
+def test_log_kl_reports_kl_without_changing_the_loss():
+    rng = np.random.default_rng(0)
+    logp, ref = (jnp.asarray(rng.normal(-1.0, 0.3, (4, 6)), jnp.float32) for _ in range(2))
+    adv, mask = jnp.asarray([1.0, -1.0, 0.5, 0.0]), jnp.ones((4, 6))
+    plain, logged = GRPOConfig(), GRPOConfig(log_kl=True)
+    grad = lambda cfg, r: jax.grad(lambda lp: policy_objective(cfg, lp, lp, r, adv, mask)[0])(logp)
+    np.testing.assert_array_equal(grad(plain, None), grad(logged, ref))
+    _, m = policy_objective(logged, logp, logp, ref, adv, mask)
+    np.testing.assert_allclose(m["kl"], jnp.mean(k3_kl(logp, ref)), rtol=1e-6)
+    penalised = GRPOConfig(beta=0.1)
+    assert not np.allclose(grad(penalised, ref), grad(plain, None))

@@ -90,12 +90,44 @@ class Checkpointer:
                             step, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
         return None
 
+    def restore_params(self, abstract_params):
+        """-> (params, meta) of the newest step whose params restore and verify, or None.
+
+        A partial restore of the params alone: the state's 'params' (pretraining / SFT: {'params', 'opt_state',
+        'step'}) or its 'train' entry's (GRPO: {'train': state, 'ref': params when β > 0}, told apart by the saved
+        tree); optimizer moments and reference params are never read. Integrity: the params' fingerprints must
+        appear, in order, in the step's fingerprint list; a step that fails is skipped for the previous one.
+        """
+        from etils import epath
+
+        for step in reversed(self.steps()):
+            try:
+                saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state").tree
+                target = {"train": {"params": abstract_params}} if "train" in saved else {"params": abstract_params}
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                        target), partial_restore=True),
+                    meta=ocp.args.JsonRestore()))
+                state, meta = out["state"], out["meta"]
+                params = state["train"]["params"] if "train" in state else state["params"]
+                if not _contains(list(meta["fingerprint"]), fingerprint(params)):
+                    raise CheckpointError("array fingerprints do not match (corrupted data)")
+                return params, meta
+            except Exception as e:  # corrupted, truncated or from another config
+                log.warning("checkpoint step %d in %s is unusable (%s: %s); trying the previous one",
+                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        return None
+
     def wait(self):
         self.manager.wait_until_finished()
 
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _contains(seq: list, sub: list) -> bool:
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
 
 
 def key_data(key) -> list[int]:

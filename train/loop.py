@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import flops_per_token
-from sharding import batch_sharding, make_mesh
+from model import flops_per_token, init_params
+from sharding import batch_sharding, make_mesh, use_rules
 from sharding.distributed import global_batch, initialize
 from train.checkpoint import Checkpointer, key_data, key_from_data
 from train.data import load_tokenizer, make_iterator, validate_vocab
@@ -62,8 +62,37 @@ def _first_difference(a, b, prefix="model"):
     return None if a == b else f"{prefix}: checkpoint has {a!r}, this run has {b!r}"
 
 
+def load_base_params(path: str, trainer: Trainer):
+    """The params a run starts from (`init_from`), placed with `trainer`'s shardings, from one of:
+
+    - an HF checkpoint directory (config.json + *.safetensors);
+    - a pretraining / SFT run directory: the params of its newest intact checkpoint;
+    - a GRPO run directory (config.json with 'grpo'): its policy, the 'train' params of the checkpoint
+      {'train': state, 'ref': params (when β > 0)} that rl.loop.grpo saves.
+    Run directories are read with a partial restore of the params alone (Checkpointer.restore_params): no optimizer
+    state is built or loaded, so nothing is compiled and the saved optimizer config does not matter.
+    """
+    if os.path.exists(os.path.join(path, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+        from model.hf import load_hf
+        return load_hf(path)[1]
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"init_from={path!r}: not a run directory (no config.json) nor an HF checkpoint")
+    with use_rules(trainer.mesh, trainer.rules):
+        shapes = jax.eval_shape(lambda: init_params(trainer.cfg, 0))
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
+                            trainer.param_sharding)
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"))
+    restored = ckpt.restore_params(abstract)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"init_from={path!r}: no usable checkpoint under {path}/checkpoints")
+    return restored[0]
+
+
 def restore_or_init(exp, trainer: Trainer, ckpt: Checkpointer):
-    """-> (state, rng, data_state or None, start_step). Raises RunError on an incompatible checkpoint."""
+    """-> (state, rng, data_state or None, start_step). Raises RunError on an incompatible checkpoint.
+
+    A fresh run starts from `exp.init_from` (see `load_base_params`) when set, else from a random init."""
     steps = ckpt.steps()
     model_now = json.loads(json.dumps(dataclasses.asdict(exp.model)))
     if steps:
@@ -72,10 +101,12 @@ def restore_or_init(exp, trainer: Trainer, ckpt: Checkpointer):
         if diff:
             raise RunError(f"{ckpt.directory} holds a checkpoint of a different model ({diff}); "
                            "use another run_dir")
-    state = trainer.init_state(exp.seed)
     rng = jax.random.key(exp.seed)
     if not steps:
+        state = (trainer.state_from_params(load_base_params(exp.init_from, trainer)) if exp.init_from
+                 else trainer.init_state(exp.seed))
         return state, rng, None, 0
+    state = trainer.init_state(exp.seed)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = ckpt.restore(abstract)
     if restored is None:

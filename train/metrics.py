@@ -106,3 +106,33 @@ def plot_metrics(run_dir: str, keys=None, filename: str = "curves.png") -> str |
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_runs(runs: dict[str, str], keys, path: str) -> str | None:
+    """One panel per metric key, one line per run ({label: run_dir} with a metrics.jsonl) over steps -> path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {label: read_metrics(d) for label, d in runs.items() if os.path.exists(os.path.join(d, "metrics.jsonl"))}
+    keys = [k for k in keys if any(isinstance(r.get(k), float) for rs in rows.values() for r in rs)]
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4.2 * cols, 2.8 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        for label, rs in rows.items():
+            pts = [(r["step"], r[k]) for r in rs if isinstance(r.get(k), float)]
+            if pts:
+                ax.plot(*zip(*pts), lw=1.2, label=label)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

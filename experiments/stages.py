@@ -1,0 +1,184 @@
+"""What the R1 stages share: one held-out evaluation, SFT runs that report it, and traces from an RL policy.
+
+- `EvalConfig`: the held-out digit chains (r1_zero.held_out()) and the sampling every stage is scored with; the
+  defaults are the ones rl.loop.grpo uses for eval_start/eval_end of r1_zero (its max_new_tokens, max_prompt_len,
+  key seed + 7, T 0.6, top-p 0.95), so the numbers of SFT and RL stages compare.
+- `SFTConfig` + `sft_experiment` + `sft`: an SFT run (train.loop.pretrain with kind='sft' on in-memory
+  {'prompt', 'response'} records rendered with r1_zero.TEMPLATE; only responses are trained) followed by
+  RUN_DIR/eval.json (experiments.eval.evaluate_run; the same keys as eval_start.json).
+- `TraceConfig` + `policy_traces`: rejection sampling from a GRPO run's policy (rl.traces.verified_traces),
+  cached as JSONL so that a rerun or a second consumer (distillation) reads instead of sampling again.
+- `shared_base`, `require_rl_run`, `root_base`, `run_model`, `finished`: run-directory plumbing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from experiments import r1_zero
+from experiments.config import CheckpointConfig, Experiment, RLExperiment
+from experiments.eval import (
+    dataclass_from_dict,
+    evaluate_run,
+    model_config_from_dict,
+    read_run_config,
+)
+from model.config import ModelConfig
+from sharding.mesh import MeshConfig
+from train.config import OptimConfig
+from train.data import DataConfig
+
+log = logging.getLogger(__name__)
+_ZERO = r1_zero.config()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    problems: int = r1_zero.EVAL_PROBLEMS  # the first n of r1_zero.held_out()
+    k: int = r1_zero.EVAL_K  # samples per problem: pass@1 (mean over k), pass@k, maj@k
+    max_new_tokens: int = _ZERO.grpo.max_new_tokens
+    max_prompt_len: int = _ZERO.max_prompt_len
+    seed: int = _ZERO.seed + 7  # rl.loop's evaluation key
+
+    @classmethod
+    def like_grpo(cls, rl: RLExperiment, problems: int, k: int) -> EvalConfig:
+        """The evaluation rl.loop.grpo runs for `rl` (its max_new_tokens and max_prompt_len, key rl.seed + 7)."""
+        return cls(problems, k, rl.grpo.max_new_tokens, rl.max_prompt_len, rl.seed + 7)
+
+
+def held_out(ev: EvalConfig) -> list[dict]:
+    return r1_zero.held_out()[:ev.problems]
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """An SFT stage's run length and optimizer; model, records and run_dir come from the stage."""
+
+    steps: int = 40
+    batch_size: int = 16  # rows of seq_len tokens, several examples packed per row
+    seq_len: int = 256
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, schedule="cosine",
+                                                                   final_lr_frac=0.1, weight_decay=0.0))
+    seed: int = 0
+
+
+def sft_experiment(name: str, model: ModelConfig, run_dir: str, cfg: SFTConfig, *, init_from: str = "",
+                   mesh: MeshConfig | None = None, progress: bool = True,
+                   tensorboard: bool = True) -> Experiment:
+    return Experiment(name=name, model=model, run_dir=run_dir, init_from=init_from, steps=cfg.steps,
+                      batch_size=cfg.batch_size, seed=cfg.seed, mesh=mesh or MeshConfig(data=-1), optim=cfg.optim,
+                      data=DataConfig(kind="sft", source="memory", tokenizer="byte", seq_len=cfg.seq_len,
+                                      chat_template=r1_zero.TEMPLATE, seed=cfg.seed),
+                      checkpoint=CheckpointConfig(every=0, keep=1), progress=progress, tensorboard=tensorboard)
+
+
+def sft(exp: Experiment, records: list[dict], ev: EvalConfig) -> dict:
+    """Fine-tune `exp` (from exp.init_from, else random init; resumes a started run) on {'prompt', 'response'}
+    records, then evaluate it on the held-out set into RUN_DIR/eval.json; returns the metrics."""
+    from train.loop import pretrain
+
+    if not records:
+        raise ValueError(f"{exp.name}: no SFT records (no verified traces?)")
+    log.info("%s: SFT on %d records for %d steps", exp.name, len(records), exp.steps)
+    pretrain(exp, records=records)
+    return evaluate_run(exp.directory, held_out(ev), k=ev.k, max_new_tokens=ev.max_new_tokens, seed=ev.seed,
+                        max_prompt_len=ev.max_prompt_len,
+                        meta={"records": "r1_zero.held_out", "sft_records": len(records)})
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Rejection sampling: k samples for each of the first `prompts` RL training prompts, keep verified ones."""
+
+    prompts: int = 1024
+    k: int = 4
+    max_per_problem: int = 1
+    require_think: bool = True  # drop correct answers without written reasoning (guesses)
+    temperature: float = 0.6  # R1's sampling settings
+    top_p: float = 0.95
+    max_new_tokens: int = _ZERO.grpo.max_new_tokens
+    batch_size: int = 256  # rows per generate call
+    seed: int = 0
+
+
+def finished(run_dir: str, steps: int) -> bool:
+    """Whether run_dir holds a checkpoint at `steps` or later (a finished run need not be restored to be reused)."""
+    from train.checkpoint import Checkpointer
+
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return False
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    done = ckpt.steps()
+    ckpt.close()
+    return bool(done) and done[-1] >= steps
+
+
+def shared_base(rl: RLExperiment, base_dir: str) -> str:
+    """r1_zero's base (for rl's model and mesh) in base_dir: pretrained, or resumed, unless finished there already."""
+    if not finished(base_dir, r1_zero.base_experiment(rl, base_dir).steps):
+        r1_zero.ensure_base(rl, base_dir)
+    return base_dir
+
+
+def run_model(run_dir: str) -> ModelConfig:
+    return model_config_from_dict(read_run_config(run_dir)["model"])
+
+
+def require_rl_run(path: str, override: str) -> str:
+    """`path` if it is a GRPO run directory with a checkpoint, else a FileNotFoundError naming the override."""
+    cfg = os.path.join(path, "config.json")
+    ok = os.path.exists(cfg) and os.path.isdir(os.path.join(path, "checkpoints"))
+    if ok:
+        with open(cfg) as fh:
+            ok = "grpo" in json.load(fh)
+    if not ok:
+        raise FileNotFoundError(
+            f"{override}={path!r} is not a finished GRPO run (config.json with 'grpo' and checkpoints/). Run the RL "
+            f"stage first (python -m experiments.run experiments/r1.py run_dir={path}), or set {override}=<a GRPO "
+            "run_dir>; experiments/pipeline.py runs every stage in order.")
+    return path
+
+
+def root_base(run_dir: str) -> str:
+    """The first run of run_dir's init_from chain (runs/r1 -> runs/r1/cold_start -> runs/r1/base): its base."""
+    for _ in range(32):
+        parent = read_run_config(run_dir).get("init_from") or ""
+        if not parent:
+            return run_dir
+        run_dir = parent
+    raise ValueError(f"{run_dir}: init_from chain longer than 32 runs (a cycle?)")
+
+
+def policy_traces(policy_dir: str, records: list[dict], tc: TraceConfig, path: str) -> list[dict]:
+    """Verified traces [{'prompt', 'response', 'difficulty'}] of the GRPO policy in `policy_dir` on records[:prompts],
+    written to `path` (JSONL, atomically); an existing `path` is read instead."""
+    import jax
+
+    from rl.traces import verified_traces
+    from sharding import make_mesh
+    from train.config import LossConfig
+    from train.data import load_tokenizer
+    from train.loop import load_base_params
+    from train.step import Trainer
+
+    if os.path.exists(path):
+        with open(path) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    saved = read_run_config(policy_dir)
+    model, prompts = run_model(policy_dir), dataclass_from_dict(DataConfig, saved["prompts"])
+    mesh = make_mesh(dataclass_from_dict(MeshConfig, saved["mesh"]))
+    params = load_base_params(policy_dir, Trainer(model, OptimConfig(schedule="constant"), LossConfig(), mesh))
+    traces = verified_traces(model, params, load_tokenizer(prompts.tokenizer), records[:tc.prompts], k=tc.k,
+                             max_per_problem=tc.max_per_problem, require_think=tc.require_think, data_cfg=prompts,
+                             temperature=tc.temperature, top_p=tc.top_p, max_new_tokens=tc.max_new_tokens,
+                             max_prompt_len=saved["max_prompt_len"], rng=jax.random.key(tc.seed),
+                             batch_size=tc.batch_size, mesh=mesh)
+    log.info("%s: %d verified traces from %d prompts x %d samples", policy_dir, len(traces), tc.prompts, tc.k)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        fh.writelines(json.dumps(t) + "\n" for t in traces)
+    os.replace(path + ".tmp", path)
+    return traces
