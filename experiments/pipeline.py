@@ -18,12 +18,9 @@ sizes are the nested configs' fields (zero.steps, r1.cold_start.steps, r1.rl.ste
 rejection.sft.steps, distill.sft.steps, distill.student.d_model, ...); the base's length is r1_zero's. A stage whose
 final eval file exists is skipped (delete it to redo the stage); an interrupted stage resumes from its checkpoint.
 
-Budget on 2 CPU cores (per-step times: idle, from runs/r1_zero's logs / shared with two other jobs, measured with
-short runs of every stage): base SFT step (16 x 256 tokens) 0.8 / 1.6 s x 400; GRPO step (16 prompts x 8, 40
-tokens) 2.0 / 4.3 s x 60 per RL stage; cold-start and rejection SFT steps as the base's, x 24 and x 40; dense
-student step 0.37 s (shared) x 300; rejection sampling of 4,096 samples ~50 s (shared); an evaluation (96 x 8
-samples) 6-11 s; ~15 compilations of 3-30 s. In all ~15 min idle, ~26 min shared: base 5-11, R1-Zero 2.5-5,
-R1 3-6, rejection SFT 1.5-2.5, distillation 1-2.5.
+Measured on 2 idle CPU cores (2026-11-28, default sizes, docs/results/): base 391 s, R1-Zero 202 s, R1 (cold
+start + GRPO) 237 s, rejection sampling + SFT 82 s, distillation 119 s; 17.2 min in all. Per step: base / SFT step
+(16 x 256 tokens) ~0.9 s, GRPO step (16 prompts x 8, up to 40 tokens) ~2 s, an evaluation (96 x 8 samples) 6-11 s.
 """
 
 import dataclasses

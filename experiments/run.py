@@ -22,6 +22,7 @@ def load_experiment(path: str, overrides: list[str]):
     name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (and pickling) look classes' modules up by name
     spec.loader.exec_module(module)
     if not hasattr(module, "config"):
         raise AttributeError(f"{path}: an experiment file must define config() -> Experiment")

@@ -67,3 +67,15 @@ def test_corpus_mix_and_disjoint_seeds():
     with pytest.raises(ValueError, match="max_step"):
         digit_chain(0, 0, max_step=0)
     assert sum(p in train for p in held if len(p.split("=?")) > 4) < 5
+
+
+def test_math_verify_agrees_with_our_accuracy_reward():
+    """The verdict on a digit-chain answer is not only ours: math-verify (an independent library) agrees."""
+    from rl.rewards import math_verify_reward
+    recs = [digit_chain(7, i) for i in range(12)]
+    right = [r["reasoning"] for r in recs]
+    wrong = [r["direct"].replace(f">{r['answer']}<", f">{(int(r['answer']) + 3) % 10}<") for r in recs]
+    gold = [r["answer"] for r in recs] * 2
+    ours = accuracy_reward(right + wrong, answer=gold)
+    assert ours == [1.0] * 12 + [0.0] * 12
+    assert math_verify_reward(right + wrong, answer=gold) == ours
