@@ -16,6 +16,17 @@ from rl.grpo import GRPOConfig
 from train.data import DataConfig
 
 
+class RunConfig:
+    """What every experiment config shares: its run directory (`run_dir`, default runs/<name>) and its JSON form."""
+
+    @property
+    def directory(self) -> str:
+        return self.run_dir or f"runs/{self.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100  # save every N steps (and at the end); 0 saves only at the end
@@ -30,7 +41,7 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
-class Experiment:
+class Experiment(RunConfig):
     name: str
     model: ModelConfig
     data: DataConfig
@@ -55,16 +66,9 @@ class Experiment:
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
 
-    @property
-    def directory(self) -> str:
-        return self.run_dir or f"runs/{self.name}"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
-class RLExperiment:
+class RLExperiment(RunConfig):
     """GRPO from a base model: prompts with gold answers, rule-based rewards, the GRPO family's knobs."""
 
     name: str
@@ -93,10 +97,3 @@ class RLExperiment:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.max_prompt_len < 1:
             raise ValueError(f"max_prompt_len: must be >= 1, got {self.max_prompt_len}")
-
-    @property
-    def directory(self) -> str:
-        return self.run_dir or f"runs/{self.name}"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from experiments import r1_zero
+from experiments.config import RunConfig
 from experiments.stages import (
     EvalConfig,
     SFTConfig,
@@ -35,7 +36,7 @@ def dense_student(**overrides) -> ModelConfig:
 
 
 @dataclass(frozen=True)
-class DistillExperiment:
+class DistillExperiment(RunConfig):
     teacher: str = "runs/r1"  # a GRPO run directory
     traces: str = ""  # a traces.jsonl to reuse (e.g. runs/rejection_sft/traces.jsonl); '' samples the teacher
     student: ModelConfig = field(default_factory=dense_student)
@@ -47,13 +48,6 @@ class DistillExperiment:
     name: str = "distill"
     progress: bool = True
     tensorboard: bool = True
-
-    @property
-    def directory(self) -> str:
-        return self.run_dir or f"runs/{self.name}"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def config() -> DistillExperiment:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from experiments import distill, r1, r1_zero, rejection_sft
-from experiments.config import RLExperiment
+from experiments.config import RLExperiment, RunConfig
 from experiments.distill import DistillExperiment
 from experiments.r1 import R1Experiment
 from experiments.rejection_sft import RejectionSFTExperiment
@@ -50,7 +50,7 @@ RL_CURVES = ("reward", "accuracy", "response_len_mean", "think_rate", "kl", "ent
 
 
 @dataclass(frozen=True)
-class PipelineExperiment:
+class PipelineExperiment(RunConfig):
     zero: RLExperiment = field(default_factory=r1_zero.config)
     r1: R1Experiment = field(default_factory=r1.config)
     rejection: RejectionSFTExperiment = field(default_factory=rejection_sft.config)
@@ -62,13 +62,6 @@ class PipelineExperiment:
     name: str = "pipeline"
     progress: bool = True
     tensorboard: bool = True
-
-    @property
-    def directory(self) -> str:
-        return self.run_dir or f"runs/{self.name}"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def config() -> PipelineExperiment:

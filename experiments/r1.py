@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from experiments import r1_zero
-from experiments.config import RLExperiment
+from experiments.config import RLExperiment, RunConfig
 from experiments.stages import (
     EvalConfig,
     SFTConfig,
@@ -35,7 +35,7 @@ assert COLD_START_SEED != r1_zero.HELD_OUT_SEED
 
 
 @dataclass(frozen=True)
-class R1Experiment:
+class R1Experiment(RunConfig):
     rl: RLExperiment  # reasoning RL; its run_dir and init_from are set by main (run_dir, run_dir/cold_start)
     cold_start: SFTConfig = field(default_factory=lambda: SFTConfig(steps=24))  # ~3 epochs
     traces: int = 300  # cold-start examples drawn (then curated)
@@ -43,13 +43,6 @@ class R1Experiment:
     eval: EvalConfig = field(default_factory=EvalConfig)  # problems and k; sampled as grpo evaluates rl
     run_dir: str = ""
     name: str = "r1"
-
-    @property
-    def directory(self) -> str:
-        return self.run_dir or f"runs/{self.name}"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def config() -> R1Experiment:

@@ -20,9 +20,9 @@ split files):
 - `eval_path`: the held-out split (GSM8K test), evaluated before the first and after the last step into
   run_dir/eval_start.json and eval_end.json (pass@1 averaged over `eval_k` = 4 samples at T = 0.6, top-p 0.95,
   unbiased pass@k, maj@k, response length, think usage): 1,319 × 4 generations each time. `eval_problems=N`
-  keeps the first N rows (0: all); `eval_k=16` tightens pass@1; `eval_path=` (empty) skips evaluation. The
-  held-out score is `rl.evaluate`'s integer match of the last <answer> (GSM8K golds are integers); training
-  uses math-verify.
+  keeps the first N rows (0: all); `eval_k=16` tightens pass@1; `eval_path=` (empty) skips evaluation. A
+  held-out answer is judged by math-verify, as in training (rl.loop uses the run's math_verify reward when it
+  has one).
 
 Recipe (DeepSeek-R1 §2.2, with Dr.GRPO's unbiased objective; documented choices):
 - R1's full template (rl.tasks.R1_TEMPLATE): the tags are asked for only there and taught by the format reward.

@@ -12,11 +12,11 @@ run_dir/eval.json. R1 trains V3-Base for 2 epochs on ~600k such reasoning sample
 this task has no non-reasoning data.
 """
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
 from experiments import r1_zero
+from experiments.config import RunConfig
 from experiments.stages import (
     EvalConfig,
     SFTConfig,
@@ -31,7 +31,7 @@ from experiments.stages import (
 
 
 @dataclass(frozen=True)
-class RejectionSFTExperiment:
+class RejectionSFTExperiment(RunConfig):
     init_from: str = "runs/r1"  # the GRPO run to sample from
     base_dir: str = ""  # the model to fine-tune; default: root of init_from's init_from chain
     sample: TraceConfig = field(default_factory=TraceConfig)
@@ -41,13 +41,6 @@ class RejectionSFTExperiment:
     name: str = "rejection_sft"
     progress: bool = True
     tensorboard: bool = True
-
-    @property
-    def directory(self) -> str:
-        return self.run_dir or f"runs/{self.name}"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def config() -> RejectionSFTExperiment:

@@ -185,7 +185,10 @@ def _copy_group(dst, src, slot, donor, g):
 
 def _evaluate(algo, exp, params, records, k, path):
     from rl.evaluate import evaluate
-    result = evaluate(exp.model, params, algo.tok, records, k=k, max_new_tokens=exp.grpo.max_new_tokens,
+    from rl.rewards import REWARDS
+    # held-out correctness by the run's own answer check: math-verify when training uses it, else integer match
+    score = {"score_fn": REWARDS["math_verify"]} if "math_verify" in exp.rewards else {}
+    result = evaluate(exp.model, params, algo.tok, records, k=k, max_new_tokens=exp.grpo.max_new_tokens, **score,
                       max_prompt_len=exp.max_prompt_len, data_cfg=exp.prompts, rng=jax.random.key(exp.seed + 7),
                       mesh=algo.mesh)
     with open(path, "w") as fh:
