@@ -16,7 +16,7 @@ Pipeline (the same for every process; each process keeps its slice of the global
       -> shuffle(seed) per epoch (reshuffled each epoch) -> repeat(num_epochs or forever)
       -> tokenise: pretrain [bos] text [eos], every token but the first is a target;
                    sft [bos] template(prompt) | sep response [eos], targets only on the response part (+ eos)
-      -> fit to seq_len + 1 tokens: pretrain documents that are too long are cut into chunks that overlap by one
+      -> fit to seq_len + 1 tokens (train/packing.py): pretrain documents that are too long are cut into chunks that overlap by one
          token (every next-token pair is trained exactly once; positions restart in each chunk); SFT examples are
          truncated from the response end (counted in stats 'truncated'), and dropped when the prompt leaves no
          room for a response token (stats 'dropped')
@@ -47,6 +47,7 @@ from train.sources import (  # noqa: F401
     synthetic_example,
     synthetic_problem,
 )
+from train.packing import ROW_KEYS, FitToRows, ToBatch
 from train.tokenizer import Tokenizer, load_tokenizer, validate_vocab  # noqa: F401  (re-exported)
 
 KINDS = ("pretrain", "sft", "prompts")  # prompts: RL prompt/answer records (no batching here)
@@ -195,93 +196,6 @@ class _Encode:
         return {"tokens": np.asarray(ids, np.int32), "mask": mask}
 
 
-_ROW_KEYS = ("tokens", "mask", "trunc", "drop")
-
-
-class _FitIterDataset(grain.IterDataset):
-    """Makes every sequence fit a row of `length` tokens (see module doc); adds per-sequence counters 'trunc' and
-    'drop' as arrays that are zero but for their first element, so they survive packing and batching."""
-
-    def __init__(self, parent, length: int, chunk: bool):
-        super().__init__(parent)
-        self._length, self._chunk = length, chunk
-
-    def __iter__(self):
-        return _FitIterator(self._parent.__iter__(), self._length, self._chunk)
-
-
-class _FitIterator(grain.DatasetIterator):
-    def __init__(self, parent, length, chunk):
-        super().__init__(parent)
-        self._length, self._chunk = length, chunk
-        self._pending: list[dict] = []
-        self._doc_state = None  # parent state before the document whose pieces are pending
-        self._taken = 0
-
-    def _pieces(self, el):
-        tokens, mask, n, L = el["tokens"], el["mask"], len(el["tokens"]), self._length
-        if n <= L:
-            spans, trunc = [(0, n)], 0
-        elif self._chunk:  # chunks overlap by one token: the last target of one is the first input of the next
-            spans, trunc = [(s, min(s + L, n)) for s in range(0, n - 1, L - 1)], 0
-        else:
-            spans, trunc = [(0, L)], 1
-        out = []
-        for s, e in spans:
-            m = mask[s:e].copy()
-            m[0] = 0
-            if not m.any():
-                continue
-            z = np.zeros(e - s, np.int32)
-            t = z.copy()
-            t[0] = trunc
-            out.append({"tokens": tokens[s:e], "mask": m, "trunc": t, "drop": z})
-        return out
-
-    def __next__(self):
-        dropped = 0
-        while not self._pending:
-            self._doc_state = self._parent.get_state()
-            self._taken = 0
-            self._pending = self._pieces(next(self._parent))
-            dropped += not self._pending
-        piece = self._pending.pop(0)
-        self._taken += 1
-        if dropped:
-            piece["drop"] = piece["drop"].copy()
-            piece["drop"][0] = dropped
-        return piece
-
-    def get_state(self):
-        if self._pending:
-            return {"parent": self._doc_state, "taken": self._taken}
-        return {"parent": self._parent.get_state(), "taken": 0}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._pending, self._taken, self._doc_state = [], 0, state["parent"]
-        if state["taken"]:
-            self._pending = self._pieces(next(self._parent))[state["taken"]:]
-            self._taken = state["taken"]
-
-
-class _ToBatch:
-    """Packed rows [B, seq_len + 1] -> the training batch dict (global)."""
-
-    def __call__(self, b):
-        tokens, seg, pos = b["tokens"], b["tokens_segment_ids"], b["tokens_positions"]
-        same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-        return {
-            "inputs": np.ascontiguousarray(tokens[:, :-1], np.int32),
-            "targets": np.ascontiguousarray(tokens[:, 1:], np.int32),
-            "loss_mask": (b["mask"][:, 1:] * same).astype(np.float32),
-            "positions": np.ascontiguousarray(pos[:, :-1], np.int32),
-            "segment_ids": np.ascontiguousarray(seg[:, :-1], np.int32),
-            "_truncated": np.asarray(b["trunc"].sum(), np.int64),
-            "_dropped": np.asarray(b["drop"].sum(), np.int64),
-        }
-
-
 def build_dataset(cfg: DataConfig, batch_size: int, tokenizer: Tokenizer,
                   records: Sequence | None = None) -> grain.IterDataset:
     """The grain pipeline of global batches (every process builds the same one). See the module doc."""
@@ -295,19 +209,19 @@ def build_dataset(cfg: DataConfig, batch_size: int, tokenizer: Tokenizer,
     length = cfg.seq_len + 1
     # One reader thread: grain's default (16 threads, 500 buffered) costs more in bookkeeping than it saves here.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=32))
-    it = _FitIterDataset(ds, length, chunk=cfg.kind == "pretrain")
+    it = FitToRows(ds, length, chunk=cfg.kind == "pretrain")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     it = grain.experimental.FirstFitPackIterDataset(
         it,
-        length_struct={k: length for k in _ROW_KEYS},
+        length_struct={k: length for k in ROW_KEYS},
         num_packing_bins=max(batch_size, 32) if cfg.pack else batch_size,
         seed=cfg.seed,
         shuffle_bins=cfg.shuffle,
-        meta_features=_ROW_KEYS[1:],
+        meta_features=ROW_KEYS[1:],
         padding_struct={"tokens": pad, "mask": 0, "trunc": 0, "drop": 0},
         max_sequences_per_bin=None if cfg.pack else 1,
     )
-    it = it.batch(batch_size, drop_remainder=True).map(_ToBatch())
+    it = it.batch(batch_size, drop_remainder=True).map(ToBatch())
     if cfg.num_workers:
         from absl import flags
 
