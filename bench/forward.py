@@ -31,9 +31,7 @@ import argparse
 import collections
 import glob
 import os
-import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -43,19 +41,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import count_params, flops_per_token, forward, graphdef, init_cache, init_params
+from bench.common import hlo_op_meta, med, n_cpus
+from model import (
+    count_params,
+    flops_per_token,
+    forward,
+    graphdef,
+    init_cache,
+    init_params,
+)
 from model.attention import attend, attention_mask, self_attention
 from model.config import ModelConfig, small_qwen2, tiny_deepseek
 from model.rope import rope_tables
 
 CONFIGS = {"small": small_qwen2, "tiny": tiny_deepseek}
-
-
-def n_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 def timed(fn, rounds: int, warmup: int = 1, cpu: list | None = None) -> list[float]:
@@ -72,10 +71,6 @@ def timed(fn, rounds: int, warmup: int = 1, cpu: list | None = None) -> list[flo
         if cpu is not None:
             cpu.append(time.process_time() - c0)
     return out
-
-
-def med(xs):
-    return statistics.median(xs)
 
 
 def spread(xs):
@@ -377,12 +372,7 @@ _KINDS = [  # (substring of the HLO op_name metadata, kind), first match wins
 def profile(call, hlo: str, calls: int, label: str) -> list[tuple[str, float, str]]:
     """Per-HLO-op time (ms per call, summed over threads) from a jax.profiler trace of `call()`, whose compiled
     module's text is `hlo` (trace events are named after its instructions)."""
-    meta = {}
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", line)
-        if m and m.group(1) not in meta:
-            on = re.search(r'op_name="([^"]*)"', line)
-            meta[m.group(1)] = (m.group(2), on.group(1) if on else "")
+    meta = hlo_op_meta(hlo)
     jax.block_until_ready(call())
     d = tempfile.mkdtemp(prefix=f"bench_{label}_")
     with jax.profiler.trace(d):

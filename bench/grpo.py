@@ -38,7 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.rollout import _machine_busy_s
+from bench.common import machine_busy_s
 
 SHORT_TEMPLATE = "Think in <think> </think>, answer in <answer> </answer>. User: {prompt} Assistant:"
 
@@ -125,11 +125,11 @@ def main(argv=None):
 
     rows, roll = [], None
     for it in range(args.iters + 1):
-        b0, c0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+        b0, c0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
         state, rng, m, roll = algo.iteration(state, ref, rng)
         jax.block_until_ready(state)
         wall = time.perf_counter() - t0
-        others = max(0.0, (_machine_busy_s() - b0 - (time.process_time() - c0)) / ((os.cpu_count() or 1) * wall))
+        others = max(0.0, (machine_busy_s() - b0 - (time.process_time() - c0)) / ((os.cpu_count() or 1) * wall))
         r = {"wall": wall, "rollout": m["time_rollout"], "generate": gen_clock.take(), "reward": reward_clock.take(),
              "detok": dec_clock.take(), "logprobs": m["time_score"], "update": m["time_update"],
              "len": m["response_len_mean"], "reward_mean": m["reward"], "others": others}

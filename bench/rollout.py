@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import hlo_op_meta, machine_busy_s, n_cpus
 from model import init_cache, init_params
 from model.config import ModelConfig, small_qwen2
 
@@ -72,26 +73,8 @@ MAX_OTHERS = 0.10
 TUNIX_PYTHON = "/tmp/tunix_venv/bin/python"
 
 
-def n_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
 # ---- measuring on a shared machine (as bench/train.py) ---------------------------------------------------
 
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_s() -> float:
-    """CPU-seconds the whole machine has spent busy (user+nice+system+irq+softirq+steal), from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:  # pragma: no cover
-        return float("nan")
-    return (sum(v) - v[3] - v[4]) / _HZ
 
 
 @dataclass
@@ -105,9 +88,9 @@ class Sample:
 
 
 def measure(fn) -> Sample:
-    b0, c0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    b0, c0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
     fn()
-    t, c, b = time.perf_counter() - t0, time.process_time() - c0, _machine_busy_s() - b0
+    t, c, b = time.perf_counter() - t0, time.process_time() - c0, machine_busy_s() - b0
     return Sample(t, c, max(0.0, (b - c) / ((os.cpu_count() or 1) * t)))
 
 
@@ -115,9 +98,9 @@ def wait_quiet(max_wait: float, window: float = 0.5, max_busy: float = MAX_OTHER
     """Wait (at most max_wait seconds) until the machine was < max_busy busy for one `window`; True if so."""
     deadline = time.perf_counter() + max_wait
     while True:
-        b0 = _machine_busy_s()
+        b0 = machine_busy_s()
         time.sleep(window)
-        if (_machine_busy_s() - b0) / ((os.cpu_count() or 1) * window) < max_busy:
+        if (machine_busy_s() - b0) / ((os.cpu_count() or 1) * window) < max_busy:
             return True
         if time.perf_counter() > deadline:
             return False
@@ -168,6 +151,7 @@ class Ours:
 def hf_model(cfg: ModelConfig):
     import torch
     import transformers
+
     from model.hf_config import config_to_hf
     d = config_to_hf(cfg)
     d.pop("architectures", None), d.pop("model_type", None), d.pop("torch_dtype", None)
@@ -476,12 +460,7 @@ def profile_trace(ours: Ours, calls: int = 1) -> list[tuple[str, float, str]]:
               stop_sequences=(), pad_id=0, vocab_limit=None)
     args = (ours.cfg, ours.params, ours.prompts, ours.lens, jax.random.key(0))
     hlo = _generate.lower(*args, **kw).compile().as_text()
-    meta = {}
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", line)
-        if m and m.group(1) not in meta:
-            on = re.search(r'op_name="([^"]*)"', line)
-            meta[m.group(1)] = (m.group(2), on.group(1) if on else "")
+    meta = hlo_op_meta(hlo)
     ours.run()
     d = tempfile.mkdtemp(prefix="bench_rollout_")
     if QUIET_WAIT:
@@ -556,6 +535,7 @@ def apply_patches(names: set[str]):
     pre: prefill computes the lm_head on the last position only and attends over the prompt slots only, not the
     whole prompt + max_new_tokens cache."""
     import types
+
     import model.attention as A
     import model.transformer as T
     import rl.sampler as S

@@ -41,7 +41,6 @@ import math
 import os
 import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import hlo_op_meta, machine_busy_s, med, n_cpus
 from model import count_params, flops_per_token
 from model.config import ModelConfig, small_qwen2, tiny_deepseek
 from sharding.mesh import MeshConfig, make_mesh
@@ -61,17 +61,6 @@ CONFIGS = {"small": small_qwen2, "tiny": tiny_deepseek}
 OPTIM = {"lr": 3e-3, "warmup_steps": 20, "total_steps": 1000, "b1": 0.9, "b2": 0.95, "weight_decay": 0.1,
          "clip_norm": 1.0}
 MAX_OTHERS = 0.10  # default: a timed call is "clean" if other processes used < 10 % of the machine meanwhile
-
-
-def n_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
-def med(xs):
-    return statistics.median(xs)
 
 
 def timed(fn, rounds: int, warmup: int = 1) -> list[float]:
@@ -87,17 +76,6 @@ def timed(fn, rounds: int, warmup: int = 1) -> list[float]:
 
 # ---- measuring on a shared machine ----------------------------------------------------------------------
 
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_s() -> float:
-    """CPU-seconds the whole machine has spent busy (user+nice+system+irq+softirq+steal), from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:  # not Linux: no contention accounting
-        return float("nan")
-    return (sum(v) - v[3] - v[4]) / _HZ
 
 
 @dataclass
@@ -111,9 +89,9 @@ class Sample:
 
 
 def measure(fn) -> Sample:
-    b0, c0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    b0, c0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
     fn()
-    t, c, b = time.perf_counter() - t0, time.process_time() - c0, _machine_busy_s() - b0
+    t, c, b = time.perf_counter() - t0, time.process_time() - c0, machine_busy_s() - b0
     return Sample(t, c, max(0.0, (b - c) / ((os.cpu_count() or 1) * t)))
 
 
@@ -313,12 +291,7 @@ def profile_step(ours: Ours, calls: int = 2) -> list[tuple[str, float, str]]:
     """Per-HLO-op time (ms per step, summed over threads) from a jax.profiler trace of the train step."""
     step_fn = ours.trainer._step
     hlo = step_fn.lower(ours.state, ours.batch).compile().as_text()
-    meta = {}
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", line)
-        if m and m.group(1) not in meta:
-            on = re.search(r'op_name="([^"]*)"', line)
-            meta[m.group(1)] = (m.group(2), on.group(1) if on else "")
+    meta = hlo_op_meta(hlo)
     ours.step()
     d = tempfile.mkdtemp(prefix="bench_train_")
     with jax.profiler.trace(d):
