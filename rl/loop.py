@@ -26,7 +26,7 @@ from rl.grpo import ADVANTAGES, policy_objective, token_mean
 from rl.logprobs import completion_logprobs
 from rl.sampler import generate
 from rl.tasks import PromptSource, encode_prompts
-from sharding import make_mesh
+from sharding import batch_sharding, make_mesh, use_rules
 from sharding.distributed import initialize
 from train.checkpoint import Checkpointer, key_data, key_from_data
 from train.config import LossConfig
@@ -56,7 +56,16 @@ class GRPO:
         self.source = PromptSource(exp.prompts, records, seed=exp.seed)
         self.reward = reward_function(exp.rewards, exp.reward_weights)
         self.batch = g.prompts_per_step * g.num_generations
-        self._score = jax.jit(partial(completion_logprobs, exp.model, temperature=g.temperature))
+        # teacher-forced log-probs of a rollout batch, split over the data axes like the train step's batch
+        # (unsharded inputs would make every device score the whole batch)
+        t = self.trainer
+        rows = lambda ndim: batch_sharding(t.mesh, t.rules, ndim)
+        self._score_fn = jax.jit(partial(completion_logprobs, exp.model, temperature=g.temperature),
+                                 in_shardings=(t.param_sharding, rows(2), rows(1), rows(2)))
+
+    def _score(self, params, *args):
+        with use_rules(self.trainer.mesh, self.trainer.rules):
+            return self._score_fn(params, *args)
 
     # ---- the objective, inside the jitted train step ----------------------------------------------------------
     def _loss(self, params, batch, denominator, n_micro):
