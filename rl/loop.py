@@ -3,7 +3,8 @@
 One iteration (algorithms.md §1):
     prompts -> rl.sampler.generate (the training params, the same forward) -> rewards (+ soft overlong
     penalty) -> [dynamic sampling: keep groups whose rewards differ, refill] -> advantages ->
-    old log-probs (teacher-forced, only when μ > 1 or several mini-batches) and reference log-probs (β > 0)
+    old log-probs (the sampler's own, which equal a teacher-forced pass to ~1e-5; used only when μ > 1 or
+    several mini-batches) and reference log-probs (teacher-forced; β > 0 or log_kl)
     -> μ passes of mini-batch updates through train.step.Trainer with the GRPO objective.
 The RL state (params, optimizer, step, reference params, RNG, prompt order) checkpoints and resumes like
 pretraining. Metrics go to run_dir/metrics.jsonl each step.
@@ -98,6 +99,7 @@ class GRPO:
             rewards = rewards + np.asarray(soft_overlong_penalty(out.lengths, g.max_new_tokens, g.overlong_cache))
         # np.array copies: device_get's arrays are read-only, and dynamic sampling overwrites groups in place
         return {"prompts": prompts, "prompt_lens": lens, "completions": np.array(out.tokens),
+                "logprobs": np.array(out.logprobs, np.float32),
                 "lengths": np.array(out.lengths), "truncated": np.array(out.truncated), "rewards": rewards,
                 "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": texts}
 
@@ -137,8 +139,7 @@ class GRPO:
         args = (roll["prompts"], roll["prompt_lens"], roll["completions"])
         t1 = time.perf_counter()
         needs_old = g.num_iterations > 1 or g.mini_batches > 1
-        batch["old_logp"] = (np.asarray(self._score(state["params"], *args)[0]) if needs_old
-                             else np.zeros_like(mask))
+        batch["old_logp"] = roll["logprobs"] if needs_old else np.zeros_like(mask)
         if g.beta > 0 or g.log_kl:
             batch["ref_logp"] = np.asarray(self._score(ref, *args)[0])
         t_score = time.perf_counter() - t1
@@ -185,7 +186,7 @@ def _zero_std(rewards, g):
 
 def _copy_group(dst, src, slot, donor, g):
     a, b = slice(slot * g, (slot + 1) * g), slice(donor * g, (donor + 1) * g)
-    for key in ("prompts", "prompt_lens", "completions", "lengths", "truncated", "rewards"):
+    for key in ("prompts", "prompt_lens", "completions", "logprobs", "lengths", "truncated", "rewards"):
         dst[key][a] = src[key][b]
     for key in dst["parts"]:
         dst["parts"][key][a] = src["parts"][key][b]
