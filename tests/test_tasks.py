@@ -79,3 +79,23 @@ def test_math_verify_agrees_with_our_accuracy_reward():
     ours = accuracy_reward(right + wrong, answer=gold)
     assert ours == [1.0] * 12 + [0.0] * 12
     assert math_verify_reward(right + wrong, answer=gold) == ours
+
+
+def test_countdown_prompts_are_solvable_and_both_verifiers_agree():
+    import reasoning_gym
+
+    from rl.rewards import countdown_reward
+    from rl.tasks import countdown_prompts
+    recs = countdown_prompts(4, 16)
+    assert recs == countdown_prompts(4, 16)  # reproducible
+    assert {r["difficulty"] for r in recs} <= {3, 4}
+    ds = reasoning_gym.create_dataset("countdown", seed=4, size=16, min_numbers=3, max_numbers=4, min_value=1,
+                                      max_value=20, min_target=10, max_target=50)
+    right = [f"<think></think> <answer>{r['solution']}</answer>" for r in recs]
+    wrong = [f"<think></think> <answer>{r['solution']} + 1</answer>" for r in recs]
+    fields = {"numbers": [r["numbers"] for r in recs] * 2, "target": [r["target"] for r in recs] * 2}
+    ours = countdown_reward(right + wrong, **fields)
+    assert ours == [1.0] * 16 + [0.0] * 16
+    theirs = [ds.score_answer(r["solution"], e) for r, e in zip(recs, ds)]
+    theirs += [ds.score_answer(r["solution"] + " + 1", e) for r, e in zip(recs, ds)]
+    assert [float(t >= 1.0) for t in theirs] == ours
