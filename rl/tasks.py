@@ -109,8 +109,9 @@ def digit_chain(seed: int, index: int, min_terms: int = 2, max_terms: int = 6, m
 
 def digit_chain_corpus(seed: int, n: int, reason_prob: float, **kw) -> list[dict]:
     """Base-training records {'prompt', 'response'}: the worked response with probability `reason_prob`, else
-    the bare answer. Train them as kind="sft" (loss on the response only): the prompt's random digits are
-    unpredictable noise whose gradient only slows learning the steps."""
+    the bare answer. r1_zero trains them as kind="sft" (loss on the response only): the prompt's random digits
+    cannot be predicted, so their loss carries no signal (a base trained this way learned every step; the
+    comparison with whole-document loss was not run cleanly)."""
     rng = np.random.default_rng([seed, 11])
     docs = []
     for i in range(n):
