@@ -10,11 +10,18 @@ from __future__ import annotations
 import logging
 import math
 
-__all__ = ["ANSWER_WINDOW", "extract_answer"]
+__all__ = ["ANSWER_WINDOW", "SandboxError", "extract_answer"]
 
 logger = logging.getLogger(__name__)
 
 ANSWER_WINDOW = 10_000  # extract_answer looks only at the last this many characters
+
+
+
+
+class SandboxError(RuntimeError):
+    """The scoring sandbox could not be set up (a resource limit or the audit hook failed). The one error a reward
+    raises instead of scoring 0.0: a run must not train on rewards that nothing scored."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,6 +92,8 @@ def _guarded(fn):
             if len(out) != len(items):
                 raise ValueError(f"{fn.__name__} returned {len(out)} values for {len(items)} completions")
             return out
+        except SandboxError:
+            raise
         except Exception:
             logger.warning("reward %s failed; scoring the batch 0.0", getattr(fn, "__name__", fn), exc_info=True)
             return [0.0] * len(items)

@@ -11,20 +11,20 @@ and must itself hold the whole `<think> ... </think> <answer> ... </answer>`. If
 
 Safety contract of every reward here: the completion is untrusted input. Nothing calls eval/exec/compile on it;
 arithmetic goes through `rl.safe_eval`; parsing is bounded in size and time; garbage in (None, non-str, megabytes of
-text, adversarial nesting) gives 0.0, never an exception. math-verify (sympy) and reasoning-gym scorers can spend
-unbounded time in C code that no signal interrupts, so by default they run in one persistent worker subprocess
-(`python -c 'import rl.sandbox as s; s._worker_main()'`) that is killed and restarted when an item exceeds its
-wall-clock `timeout`; the worker also has an address-space limit so a huge power fails with MemoryError instead of
-exhausting the machine. `isolate=False` scores in-process instead: on the main thread with a `setitimer` bound that
-only interrupts Python code, elsewhere with no time bound (only the input caps and the pre-screen).
+text, adversarial nesting) gives 0.0, never an exception. math-verify (sympy), reasoning-gym and your own scorers
+(`SandboxedReward`) run only in the sandboxed worker process of `rl.sandbox`: sealed by an audit hook that refuses
+code execution, writes, imports, processes and sockets, with limits on memory, CPU, file size, open files and
+processes, a wall-clock deadline per item and a budget per batch. Countdown and arithmetic are scored by our own AST
+evaluator, never by a scorer that evaluates text.
 
 Layout: input coercion and `extract_answer` live in `rl.reward_inputs`, the worker process and time bounds in
-`rl.sandbox`, the math-verify / reasoning-gym rewards in `rl.verifiers`; all public names are re-exported here.
+`rl.sandbox` (its policy in `rl.sandbox_policy`, the code screen in `rl.code_screen`), the sandboxed verifiers in
+`rl.verifiers`; their public names are re-exported here.
 
 Contents:
 - `extract_answer(text)`: the stripped content of the last `<answer>...</answer>` (None if absent).
 - `format_reward`, `accuracy_reward` (integer match), `arithmetic_reward` (answer may be an expression),
-  `countdown_reward` (TinyZero), `math_verify_reward` / `MathVerifyReward`, `ReasoningGymReward`.
+  `countdown_reward` (TinyZero), `math_verify_reward` / `MathVerifyReward`, `ReasoningGymReward`, `SandboxedReward`.
 - `soft_overlong_penalty(lengths, max_len, cache_len)` (DAPO eq. 13) and the reward `OverlongPenalty`.
 - `combine({name: (fn, weight)})` -> fn returning (totals, {name: per-completion values}).
 """
@@ -38,19 +38,18 @@ import re
 from collections.abc import Callable
 from fractions import Fraction
 
-from rl.reward_inputs import ANSWER_WINDOW, _column, _completions, _finite, _guarded, _is_seq, _text, extract_answer
+from rl.reward_inputs import (
+    ANSWER_WINDOW, SandboxError, _column, _completions, _finite, _guarded, _is_seq, _text, extract_answer)
 from rl.safe_eval import numbers_used, safe_eval
-
-# Re-exported so that `from rl.rewards import X` keeps working for the names that moved to rl.sandbox / rl.verifiers.
-from rl.sandbox import _explosive, _soft_timer, _SoftTimeout, _Worker, _worker, _worker_main  # noqa: F401
-from rl.verifiers import (  # noqa: F401
-    MathVerifyReward, ReasoningGymReward, _code_risk, _mv_score, _rg_dataset, _rg_score, math_verify_reward)
+from rl.verifiers import MathVerifyReward, ReasoningGymReward, SandboxedReward, math_verify_reward
 
 __all__ = [
     "ANSWER_WINDOW",
     "MathVerifyReward",
     "OverlongPenalty",
     "ReasoningGymReward",
+    "SandboxError",
+    "SandboxedReward",
     "accuracy_reward",
     "arithmetic_reward",
     "combine",
@@ -270,6 +269,8 @@ def combine(rewards: dict[str, tuple[Callable, float]]) -> Callable[..., tuple[l
                 if len(vals) != n:
                     raise ValueError(f"returned {len(vals)} values for {n} completions")
                 parts[name] = [_finite(v) for v in vals]
+            except SandboxError:
+                raise
             except Exception:
                 logger.warning("reward component %r failed; scoring 0.0", name, exc_info=True)
                 parts[name] = [0.0] * n

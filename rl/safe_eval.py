@@ -10,7 +10,9 @@ Nothing here calls `eval`, `exec` or `compile` on the input. `safe_eval(expr)`:
    `max_depth` (32) levels;
 4. computes with exact `fractions.Fraction`s (a float literal such as `0.1` is read as the decimal 1/10), so
    `1/3*3 == 1` exactly; every literal and intermediate result must satisfy |x| <= `max_abs` (1e12); a power needs an
-   integer exponent with |exponent| <= `max_exp` (8) and a result within `max_abs`; division by zero gives None.
+   integer exponent with |exponent| <= `max_exp` (8) and a result within `max_abs`; every denominator must also be
+   at most `max_abs` squared, and a power whose result could not be is refused before it is computed, so time
+   stays bounded on nested powers of small values; division by zero gives None.
 
 It returns the value as a `Fraction`, or None for anything rejected, and never raises (every exception, including
 `RecursionError` and `MemoryError`, becomes None). `numbers_used(expr)` lists the numeric literals of an expression
@@ -89,7 +91,9 @@ def _literal(value, max_abs) -> Fraction:
 
 
 def _check(x: Fraction, max_abs) -> Fraction:
-    if abs(x) > max_abs:
+    # A bound on the denominator too: |x| alone lets nested powers of small values grow a denominator of millions of
+    # bits ((0.1**8)**8... takes seconds in C code no timer interrupts).
+    if abs(x) > max_abs or x.denominator > max_abs * max_abs:
         raise _Reject
     return x
 
@@ -102,7 +106,11 @@ def _power(base: Fraction, exp: Fraction, max_abs, max_exp) -> Fraction:
         if e < 0:
             raise _Reject  # 0 ** negative: division by zero
         return Fraction(1) if e == 0 else Fraction(0)
-    # Bound before computing: both numerator and denominator of the result are at most max_abs ** max_exp.
+    # Bound before computing: the result's numerator and denominator have about bits * |e| bits, and must end within
+    # max_abs * max_abs (the denominator bound), so a power that cannot is refused without being computed.
+    bits = max(base.numerator.bit_length(), base.denominator.bit_length()) - 1
+    if bits * abs(e) > int(max_abs).bit_length() * 4:
+        raise _Reject
     return _check(base ** e, max_abs)
 
 

@@ -165,8 +165,10 @@ def countdown_prompts(seed: int, n: int, min_numbers: int = 3, max_numbers: int 
     """RL / evaluation prompts {'prompt', 'numbers', 'target', 'difficulty' (how many numbers), 'solution'}:
     reasoning-gym's `countdown` generator (reproducible from `seed`), every problem solvable by construction
     ('solution' is its expression). Score completions with REWARDS['countdown'] (our AST-bounded checker, fields
-    'numbers' and 'target') or with reasoning-gym's own scorer (rl.verifiers.ReasoningGymReward) — the two agree
-    (tests/test_tasks.py). No pretraining corpus or experiment uses Countdown yet."""
+    'numbers' and 'target'), never with a scorer that evaluates the answer as text (reasoning-gym's own calls sympy's
+    `parse_expr`; `ReasoningGymReward('countdown')` therefore scores with our checker on reasoning-gym's scale, and
+    the two agree on honest answers: tests/test_tasks.py, tests/test_sandbox.py). No pretraining corpus or
+    experiment uses Countdown yet."""
     import reasoning_gym
     ds = reasoning_gym.create_dataset("countdown", seed=int(seed), size=int(n), min_numbers=min_numbers,
                                       max_numbers=max_numbers, min_value=1, max_value=max_value,

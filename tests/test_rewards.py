@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rl import rewards as R
+from rl.code_screen import code_risk
+from rl.sandbox import _worker
 from rl.safe_eval import numbers_used, safe_eval
 
 GOOD = "<think>7*3=21, 12+21=33</think> <answer>33</answer>"
@@ -205,18 +207,16 @@ def test_math_verify_reward(mv):
     assert mv([ans("x" * 3000)], answer="x") == [0.0]  # over max_chars
 
 
-def test_math_verify_in_process_main_and_other_thread():
-    m = R.MathVerifyReward(timeout=1.0, isolate=False)
-    assert m([ans("0.5"), ans("4")], answer=["\\frac{1}{2}", "\\boxed{3}"]) == [1.0, 0.0]
+def test_math_verify_from_another_thread(mv):
     out = []
-    t = threading.Thread(target=lambda: out.append(m([ans("0.5")], answer="\\frac{1}{2}")))
+    t = threading.Thread(target=lambda: out.append(mv([ans("0.5")], answer="\\frac{1}{2}")))
     t.start()
     t.join(10)
-    assert out == [[1.0]]  # no 'signal only works in main thread' failure
+    assert out == [[1.0]]
 
 
 def test_worker_hard_kill_and_restart(mv):
-    w = R._worker()
+    w = _worker()
     restarts = w.restarts
     t0 = time.monotonic()
     # The worker's own soft timer (5 s) is longer than the parent's deadline (0.3 s): the parent must kill it.
@@ -252,12 +252,14 @@ def test_reasoning_gym_reward(rg_insert):
 
 
 def test_code_risk():
-    for a in ["ABC", "['D','A']", "x**2 + 3*x", "sin(x) + C", "open", "(1, 2)", "[[1, 0], [0, 1]]", "-4"]:
-        assert not R._code_risk(a), a
+    for a in ["ABC", "['D','A']", "x**2 + 3*x", "sin(x) + C", "open", "(1, 2)", "[[1, 0], [0, 1]]", "-4", "3!",
+              "X**3/3 + C", "sin('x')", "Matrix([[1, 2]])"]:
+        assert not code_risk(a), a
     for a in ["__import__('os')", "open('f','w')", "os.system('ls')", "(lambda: 1)()", "[open][0]('f')",
               "3! + open('f')", "3! + [open][0]('f')", "3! + preview(x)", "[x for x in ()]", "exit()",
-              "f'{exit()}'", "getattr(1, 'real')", "3! + open   ('f')", "3! + open\\\n('f')", "x.y"]:
-        assert R._code_risk(a), a
+              "f'{exit()}'", "getattr(1, 'real')", "3! + open   ('f')", "3! + open\\\n('f')", "x.y",
+              "max(['1'], key=exec)", "sin('exec(1)')", "Matrix(['open(1)'])", "[open]", "min([], default=eval)"]:
+        assert code_risk(a), a
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,7 +330,6 @@ def _all_rewards(mv, rg_insert):
         "arithmetic": lambda c, **kw: R.arithmetic_reward(c, allow_pow=True, **kw),
         "countdown": R.countdown_reward,
         "math_verify": mv,
-        "math_verify_inline": R.MathVerifyReward(timeout=0.5, isolate=False),
         "reasoning_gym": rg_insert,
         "overlong": R.OverlongPenalty(20, 4),
     }
