@@ -47,6 +47,7 @@ def build(args):
     from experiments.config import RLExperiment
     from model.config import small_qwen2
     from rl.grpo import GRPOConfig
+    from rl.rollout import Sampling
     from rl.tasks import R1_TEMPLATE
     from sharding.mesh import MeshConfig
     from train.data import DataConfig
@@ -55,7 +56,8 @@ def build(args):
     return RLExperiment(
         name="bench_grpo", model=small_qwen2(vocab_size=512), run_dir="",
         prompts=DataConfig(kind="prompts", source="synthetic", tokenizer="byte", chat_template=template),
-        grpo=GRPOConfig(num_generations=args.generations, prompts_per_step=args.prompts, max_new_tokens=args.new,
+        grpo=GRPOConfig(num_generations=args.generations, prompts_per_step=args.prompts,
+                        sampling=Sampling(max_new_tokens=args.new),
                         beta=args.beta, num_iterations=args.mu, mini_batches=args.mini_batches),
         mesh=MeshConfig(data=args.data), rewards=rewards, reward_weights=(1.0,) * len(rewards),
         max_prompt_len=args.max_prompt_len, progress=False, tensorboard=False)
@@ -119,7 +121,7 @@ def main(argv=None):
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"small_qwen2 ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params), batch {algo.batch} = "
-          f"{g.prompts_per_step} prompts x {g.num_generations}, prompt {exp.max_prompt_len}, {g.max_new_tokens} new "
+          f"{g.prompts_per_step} prompts x {g.num_generations}, prompt {exp.max_prompt_len}, {g.sampling.max_new_tokens} new "
           f"tokens, beta {g.beta}, mu {g.num_iterations}, {g.mini_batches} mini-batches, rewards {exp.rewards}",
           flush=True)
 
@@ -158,9 +160,9 @@ def main(argv=None):
                   for name in exp.rewards]
 
     steps = g.num_iterations * g.mini_batches
-    mb_tokens = algo.batch // g.mini_batches * (exp.max_prompt_len + g.max_new_tokens)
+    mb_tokens = algo.batch // g.mini_batches * (exp.max_prompt_len + g.sampling.max_new_tokens)
     print(f"\n### One GRPO iteration (small_qwen2, batch {algo.batch} = {g.prompts_per_step} x {g.num_generations}, "
-          f"prompt {exp.max_prompt_len} + {g.max_new_tokens} new, beta {g.beta}, mu {g.num_iterations}, "
+          f"prompt {exp.max_prompt_len} + {g.sampling.max_new_tokens} new, beta {g.beta}, mu {g.num_iterations}, "
           f"{g.mini_batches} mini-batches; median of {len(rows)} iterations"
           f"{'; CONTENDED: other processes used > 10 % of the CPUs meanwhile' if contended else ''})\n")
     print("| phase | s | share of the iteration | note |\n|---|---|---|---|")
@@ -172,14 +174,14 @@ def main(argv=None):
 
     row("**rollout** (`time_rollout`)", med["rollout"])
     row("  generation (`rl.sampler.generate`)", med["generate"],
-        f"{algo.batch * g.max_new_tokens / med['generate']:,.0f} new tok/s (slots, incl. rows that stopped early); "
+        f"{algo.batch * g.sampling.max_new_tokens / med['generate']:,.0f} new tok/s (slots, incl. rows that stopped early); "
         f"mean length {med['len']:.1f}")
     row("  reward scoring on the host", med["reward"], f"{exp.rewards} on {algo.batch} texts")
     row("  detokenisation", med["detok"])
     row("  the rest (prompt encoding, host copies)", med["rollout_other"])
     row("**reference / old log-probs** (`time_score`)", med["logprobs"],
         f"{(g.num_iterations > 1 or g.mini_batches > 1) + (g.beta > 0)} teacher-forced forward(s) over "
-        f"{algo.batch} x {exp.max_prompt_len + g.max_new_tokens}")
+        f"{algo.batch} x {exp.max_prompt_len + g.sampling.max_new_tokens}")
     row("**update** (`time_update`)", med["update"],
         f"{steps} optimizer steps of {algo.batch // g.mini_batches} sequences; "
         f"{steps * mb_tokens / med['update']:,.0f} tok/s (prompt + completion)")

@@ -115,7 +115,22 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_tokens: int = 48,
+def run_sampling(saved: dict, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 0):
+    """The held-out Sampling for a saved run: a GRPO run's own (`eval_sampling`: only temperature and top-p
+    change), else the defaults with the run's BOS setting; `max_new_tokens` > 0 overrides the length."""
+    from rl.evaluate import EVAL_SAMPLING, eval_sampling
+    from rl.rollout import Sampling
+
+    trained = (saved.get("grpo") or {}).get("sampling")
+    if trained is not None:
+        base = dataclass_from_dict(Sampling, trained)
+    else:
+        base = dataclasses.replace(EVAL_SAMPLING, add_bos=bool((saved.get("data") or {}).get("add_bos", True)))
+    s = eval_sampling(base, temperature, top_p)
+    return dataclasses.replace(s, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else s
+
+
+def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_tokens: int = 0,
                  temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, batch_size: int = 64,
                  max_prompt_len: int = 0, template: str | None = None, out: str = "", samples: bool = False,
                  meta: dict | None = None) -> dict:
@@ -123,7 +138,8 @@ def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_token
     of `rl.evaluate.evaluate` plus run metadata to `out` (default RUN_DIR/eval.json); returns what it wrote.
 
     Prompts are rendered with the run's chat template unless `template` is given; `max_prompt_len` 0 uses the run's
-    (GRPO) or the longest prompt; sampling uses `jax.random.key(seed)`. `samples=True` also writes every completion to
+    (GRPO) or the longest prompt; sampling is the run's own (`run_sampling`; `max_new_tokens` 0 keeps its length, or
+    48 for a run that did not sample) with `jax.random.key(seed)`. `samples=True` also writes every completion to
     eval_samples.jsonl beside `out`. `meta` adds fields to the 'eval' entry.
     """
     import jax
@@ -146,15 +162,15 @@ def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_token
     t0 = time.perf_counter()
     params, step = load_run_params(run_dir, saved, model_cfg, mesh)
     t1 = time.perf_counter()
-    metrics = evaluate(model_cfg, params, tok, records, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, max_prompt_len=max_prompt_len or saved.get("max_prompt_len") or None,
+    sampling = run_sampling(saved, temperature, top_p, max_new_tokens)
+    metrics = evaluate(model_cfg, params, tok, records, k=k, sampling=sampling,
+                       max_prompt_len=max_prompt_len or saved.get("max_prompt_len") or None,
                        template=template, data_cfg=data_cfg if template is None else None,
                        rng=jax.random.key(seed), batch_size=batch_size, mesh=mesh, details=samples)
     problems = metrics.pop("problems", None)
     result = {**metrics,
               "run_dir": run_dir, "checkpoint_step": step,
-              "eval": {"k": k, "n": len(records), "max_new_tokens": max_new_tokens, "temperature": temperature,
-                       "top_p": top_p, "seed": seed,
+              "eval": {"k": k, "n": len(records), "sampling": dataclasses.asdict(sampling), "seed": seed,
                        "template": template if template is not None else data_cfg.chat_template, **(meta or {})},
               "time_eval_s": time.perf_counter() - t1, "time_total_s": time.perf_counter() - t0}
     path = out or os.path.join(run_dir, "eval.json")
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--k", type=int, default=8, help="samples per problem")
     p.add_argument("--n", type=int, default=64, help="held-out problems")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the run's own (48 for a run that did not sample)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out problems and of sampling")

@@ -17,6 +17,7 @@ import os
 from experiments.config import CheckpointConfig, Experiment, RLExperiment
 from model.config import tiny_deepseek
 from rl.grpo import GRPOConfig
+from rl.rollout import Sampling
 from sharding.mesh import MeshConfig
 from train.config import OptimConfig
 from train.data import DataConfig
@@ -30,7 +31,8 @@ def config() -> RLExperiment:
         name="grpo_arithmetic",
         model=tiny_deepseek(vocab_size=512, max_seq_len=256),
         prompts=DataConfig(kind="prompts", source="synthetic", tokenizer="byte", chat_template=TEMPLATE, seed=1),
-        grpo=GRPOConfig(num_generations=8, prompts_per_step=8, max_new_tokens=48, temperature=1.0,
+        grpo=GRPOConfig(num_generations=8, prompts_per_step=8,
+                        sampling=Sampling(temperature=1.0, max_new_tokens=48),
                         advantage="grpo", loss_agg="seq_mean_token_sum_norm", epsilon_low=0.2, epsilon_high=0.28,
                         beta=0.01, ref_reset_every=20),
         mesh=MeshConfig(data=-1),

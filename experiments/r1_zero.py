@@ -20,6 +20,7 @@ import os
 from experiments.config import CheckpointConfig, Experiment, RLExperiment
 from model.config import tiny_deepseek
 from rl.grpo import GRPOConfig
+from rl.rollout import Sampling
 from rl.tasks import digit_chain_corpus, digit_chain_prompts
 from sharding.mesh import MeshConfig
 from train.config import OptimConfig
@@ -38,7 +39,8 @@ def config() -> RLExperiment:
         name="r1_zero",
         model=tiny_deepseek(vocab_size=512, max_seq_len=512),
         prompts=DataConfig(kind="prompts", source="memory", tokenizer="byte", chat_template=TEMPLATE),
-        grpo=GRPOConfig(num_generations=8, prompts_per_step=16, max_new_tokens=40, temperature=1.0,
+        grpo=GRPOConfig(num_generations=8, prompts_per_step=16,
+                        sampling=Sampling(temperature=1.0, max_new_tokens=40),
                         advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm", epsilon_low=0.2,
                         epsilon_high=0.28, beta=0.0, log_kl=True),
         mesh=MeshConfig(data=-1),

@@ -50,7 +50,7 @@ node. The rollout batch (prompts_per_step × G) and each mini-batch must divide 
 
 Runs resume from the newest checkpoint in run_dir (the same command again); eval_start.json is written only
 by a fresh run. Memory levers: `grpo.mini_batches` (rollouts per optimizer step), `model.remat`,
-`grpo.max_new_tokens`, `max_prompt_len`.
+`grpo.sampling.max_new_tokens`, `max_prompt_len`.
 """
 
 import dataclasses
@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from experiments.config import CheckpointConfig, RLExperiment
 from model.config import ModelConfig, qwen2_5_0_5b
 from rl.grpo import GRPOConfig
+from rl.rollout import Sampling
 from rl.tasks import R1_TEMPLATE
 from sharding.mesh import MeshConfig
 from train.config import OptimConfig
@@ -94,7 +95,8 @@ def config() -> GSM8KExperiment:
         model=qwen2_5_0_5b().replace(compute_dtype="bfloat16", param_dtype="float32", remat="block"),
         prompts=DataConfig(kind="prompts", source="parquet", path="data/gsm8k/train.parquet",
                            prompt_field="question", tokenizer=TOKENIZER_FROM_CHECKPOINT, chat_template=R1_TEMPLATE),
-        grpo=GRPOConfig(num_generations=8, prompts_per_step=64, max_new_tokens=1024, temperature=1.0, top_p=1.0,
+        grpo=GRPOConfig(num_generations=8, prompts_per_step=64,
+                        sampling=Sampling(temperature=1.0, top_p=1.0, max_new_tokens=1024),
                         advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm", epsilon_low=0.2,
                         epsilon_high=0.28, beta=0.0, mini_batches=4),
         mesh=MeshConfig(data=1, fsdp=-1),

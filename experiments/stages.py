@@ -25,6 +25,7 @@ from experiments.eval import (
     evaluate_run,
     model_config_from_dict,
     read_run_config,
+    run_sampling,
 )
 from model.config import ModelConfig
 from sharding.mesh import MeshConfig
@@ -39,14 +40,14 @@ _ZERO = r1_zero.config()
 class EvalConfig:
     problems: int = r1_zero.EVAL_PROBLEMS  # the first n of r1_zero.held_out()
     k: int = r1_zero.EVAL_K  # samples per problem: pass@1 (mean over k), pass@k, maj@k
-    max_new_tokens: int = _ZERO.grpo.max_new_tokens
+    max_new_tokens: int = _ZERO.grpo.sampling.max_new_tokens
     max_prompt_len: int = _ZERO.max_prompt_len
     seed: int = _ZERO.seed + 7  # rl.loop's evaluation key
 
     @classmethod
     def like_grpo(cls, rl: RLExperiment, problems: int, k: int) -> EvalConfig:
         """The evaluation rl.loop.grpo runs for `rl` (its max_new_tokens and max_prompt_len, key rl.seed + 7)."""
-        return cls(problems, k, rl.grpo.max_new_tokens, rl.max_prompt_len, rl.seed + 7)
+        return cls(problems, k, rl.grpo.sampling.max_new_tokens, rl.max_prompt_len, rl.seed + 7)
 
 
 def held_out(ev: EvalConfig) -> list[dict]:
@@ -99,7 +100,7 @@ class TraceConfig:
     require_think: bool = True  # drop correct answers without written reasoning (guesses)
     temperature: float = 0.6  # R1's sampling settings
     top_p: float = 0.95
-    max_new_tokens: int = _ZERO.grpo.max_new_tokens
+    max_new_tokens: int = _ZERO.grpo.sampling.max_new_tokens
     batch_size: int = 256  # rows per generate call
     seed: int = 0
 
@@ -173,7 +174,7 @@ def policy_traces(policy_dir: str, records: list[dict], tc: TraceConfig, path: s
     params = load_base_params(policy_dir, Trainer(model, OptimConfig(schedule="constant"), LossConfig(), mesh))
     traces = verified_traces(model, params, load_tokenizer(prompts.tokenizer), records[:tc.prompts], k=tc.k,
                              max_per_problem=tc.max_per_problem, require_think=tc.require_think, data_cfg=prompts,
-                             temperature=tc.temperature, top_p=tc.top_p, max_new_tokens=tc.max_new_tokens,
+                             sampling=run_sampling(saved, tc.temperature, tc.top_p, tc.max_new_tokens),
                              max_prompt_len=saved["max_prompt_len"], rng=jax.random.key(tc.seed),
                              batch_size=tc.batch_size, mesh=mesh)
     log.info("%s: %d verified traces from %d prompts x %d samples", policy_dir, len(traces), tc.prompts, tc.k)

@@ -2,14 +2,16 @@
 
     from rl.evaluate import evaluate, held_out_problems
     records = held_out_problems(seed=0, n=64)      # synthetic arithmetic, disjoint seed stream from training
-    m = evaluate(cfg, params, tokenizer, records, k=8, max_new_tokens=48, template="User: {prompt}\\nAssistant:")
+    m = evaluate(cfg, params, tokenizer, records, k=8, sampling=eval_sampling(grpo_cfg.sampling),
+                 template="User: {prompt}\\nAssistant:")
     m["pass@1"], m["pass@8"], m["maj@k"], m["by_difficulty"][3]["pass@1"]
 
 Metrics (algorithms.md §5), for N problems with k samples each (T = 0.6, top-p 0.95 by default, as R1 reports):
 - 'pass@1': mean over problems of c/k (c = correct samples) — R1's pass@1 "averaged over k samples".
 - 'pass@k' (also under f'pass@{k}', and f'pass@{j}' for j = 2, 4, 8, ... < k): the unbiased estimator of Chen et al.
   2021, `pass_at_k(k, c, j)` averaged over problems.
-- 'maj@k' (also f'maj@{k}'): majority vote over the k normalised extracted answers (`maj_at_k`), scored against gold.
+- 'maj@k' (also f'maj@{k}'): majority vote over the k normalised extracted answers (`majority_answer`), judged by
+  `score_fn` like every sample.
 - 'format_rate' (mean `format_reward`), 'think_usage' (fraction of samples with a non-empty <think>…</think>),
   'answer_rate' (fraction with an extractable <answer>), 'response_len_mean' / 'response_len_max' (generated tokens,
   including the EOS / stop sequence), 'truncated_frac' (samples that ran out of max_new_tokens).
@@ -17,28 +19,30 @@ Metrics (algorithms.md §5), for N problems with k samples each (T = 0.6, top-p 
 - 'k', 'n_problems', 'n_samples'.
 
 A sample is correct iff `score_fn` (default `rl.rewards.accuracy_reward`: integer match of the last <answer>) gives
->= 1. Completions are scored exactly as in the GRPO loop: the text generated after the rendered prompt, EOS removed
-(with '<think>' prepended when the rendered prompt itself ends with '<think>').
+>= 1. Completions come from `rl.rollout.rollout`, the GRPO loop's own path (same BOS, stop strings, think prefix,
+decoding); only the temperature and top-p differ (`eval_sampling`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-import jax
+from dataclasses import replace
+
 import numpy as np
 
-from rl.rewards import _as_int, accuracy_reward, extract_answer, format_reward
-from rl.sampler import generate
-from rl.tasks import R1_TEMPLATE, encode_prompts
+from rl.rewards import _as_int, accuracy_reward, format_reward
+from rl.rollout import Sampling, rollout
+from rl.tasks import R1_TEMPLATE
 from train.data import synthetic_example, synthetic_problem
 
 __all__ = [
+    "EVAL_SAMPLING",
     "EVAL_SPAWN_KEY",
+    "eval_sampling",
     "evaluate",
     "held_out_problems",
     "maj_at_k",
@@ -50,6 +54,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+EVAL_SAMPLING = Sampling(temperature=0.6, top_p=0.95, max_new_tokens=48)  # R1's evaluation settings
+
+
+def eval_sampling(train: Sampling, temperature: float = 0.6, top_p: float = 0.95) -> Sampling:
+    """The held-out sampling for a run trained with `train`: R1's temperature and top-p, everything else (lengths,
+    stop strings, think prefix, BOS) as in training, so that evaluation scores what training optimises."""
+    return replace(train, temperature=temperature, top_p=top_p, top_k=0, greedy=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,16 +188,6 @@ def held_out_problems(seed: int = 0, n: int = 64, *, exclude: set[str] | frozens
 # Evaluation
 
 
-def _batch_multiple(mesh, rules) -> int:
-    if mesh is None:
-        return 1
-    from sharding import DEFAULT_RULES
-    from sharding.rules import spec_for
-    spec = spec_for(("batch",), rules or DEFAULT_RULES, mesh)[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return int(math.prod(mesh.shape[a] for a in axes))
-
-
 def _render(rec: dict, template: str | None, data_cfg, prompt_field: str) -> str:
     if template is None and "prompt_text" in rec:
         return rec["prompt_text"]
@@ -195,19 +197,17 @@ def _render(rec: dict, template: str | None, data_cfg, prompt_field: str) -> str
     return (template or R1_TEMPLATE).format(prompt=rec[prompt_field])
 
 
-def evaluate(cfg, params, tokenizer, records: Sequence[dict], *, k: int = 8, max_new_tokens: int = 48,
-             temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, max_prompt_len: int | None = None,
-             template: str | None = None, data_cfg=None, rng=None, batch_size: int = 64,
-             difficulty_key: str | None = None, score_fn: Callable = accuracy_reward, add_bos: bool = True,
+def evaluate(cfg, params, tokenizer, records: Sequence[dict], *, k: int = 8, sampling: Sampling = EVAL_SAMPLING,
+             max_prompt_len: int | None = None, template: str | None = None, data_cfg=None, rng=None,
+             batch_size: int = 64, difficulty_key: str | None = None, score_fn: Callable = accuracy_reward,
              mesh=None, rules=None, details: bool = False) -> dict:
-    """Sample k completions for each record with `rl.sampler.generate` and score them (see the module doc).
+    """Sample k completions for each record with `rl.rollout.rollout` and score them (see the module doc).
 
     records: dicts with the prompt (field `data_cfg.prompt_field`, else 'prompt') and the gold 'answer'; the prompt is
     rendered with `template` (a format string with {prompt}) if given, else with `data_cfg`'s chat template, else a
-    record's own 'prompt_text', else R1's template. Prompts are right-padded to `max_prompt_len` tokens (default: the
-    longest encoded prompt; longer ones keep their end) and rows go through `generate` `batch_size` at a time, the
-    last batch padded, so every call has the same shapes and the sampler compiles once. `rng` (default key 0) is
-    folded with the batch index. With `mesh`, the batch size is rounded up to a multiple of the data-parallel size.
+    record's own 'prompt_text', else R1's template. `sampling` as the run trained with (`eval_sampling`). Prompts are
+    right-padded to `max_prompt_len` tokens (default: the longest encoded prompt) and rows go through the sampler
+    `batch_size` at a time (one shape, one compile). `rng` defaults to key 0.
     `difficulty_key`: record field for the per-difficulty breakdown; None uses 'difficulty' when every record has it.
     `details=True` adds 'problems': per problem its prompt, gold, difficulty, correct count, answers and completions.
     """
@@ -219,43 +219,23 @@ def evaluate(cfg, params, tokenizer, records: Sequence[dict], *, k: int = 8, max
         raise ValueError(f"k must be >= 1, got {k}")
     prompt_field = data_cfg.prompt_field if data_cfg is not None else "prompt"
     texts = [_render(r, template, data_cfg, prompt_field) for r in records]
-    bos = add_bos and (data_cfg is None or data_cfg.add_bos)
-    if max_prompt_len is None:
-        max_prompt_len = max(len(tokenizer.encode(t)) for t in texts) + int(bos and tokenizer.bos_id is not None)
-    prompts, lens = encode_prompts(tokenizer, texts, int(max_prompt_len), bos=bos)
+    out = rollout(cfg, params, texts, sampling, tokenizer, rng=rng, repeat=k, max_prompt_len=max_prompt_len,
+                  batch_size=batch_size, mesh=mesh, rules=rules)
     n_prob, n_rows = len(records), len(records) * k
     rows = np.repeat(np.arange(n_prob), k)  # row r samples problem rows[r]; problem i owns rows [i*k, (i+1)*k)
-    mult = _batch_multiple(mesh, rules)
-    bs = min(int(batch_size), n_rows)
-    bs = -(-bs // mult) * mult
-    rng = jax.random.key(0) if rng is None else rng
-    stop = (tuple(tokenizer.encode("</answer>")),)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    tokens, lengths, truncated = [], [], []
-    for b, start in enumerate(range(0, n_rows, bs)):
-        idx = rows[start:start + bs]
-        idx = np.concatenate([idx, np.full(bs - len(idx), idx[-1])])  # pad the last batch: same shape every call
-        out = jax.device_get(generate(cfg, params, prompts[idx], lens[idx], int(max_new_tokens), float(temperature),
-                                      jax.random.fold_in(rng, b), top_k=int(top_k), top_p=float(top_p),
-                                      eos_id=tokenizer.eos_id, stop_sequences=stop, pad_id=pad,
-                                      vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules))
-        take = min(bs, n_rows - start)
-        tokens.extend(np.asarray(out.tokens)[:take])
-        lengths.extend(np.asarray(out.lengths)[:take].tolist())
-        truncated.extend(np.asarray(out.truncated)[:take].tolist())
-    eos = tokenizer.eos_id
-    prefix = ["<think>" if t.rstrip().endswith("<think>") else "" for t in texts]
-    completions = [prefix[rows[r]] + tokenizer.decode([int(t) for t in tokens[r][:lengths[r]] if t != eos],
-                                                      skip_special_tokens=False) for r in range(n_rows)]
+    completions, answers, lengths, truncated = out.texts, out.answers, out.lengths, out.truncated
     golds = [records[rows[r]].get("answer") for r in range(n_rows)]
     correct = np.asarray([s >= 1.0 for s in score_fn(completions, answer=golds)], bool).reshape(n_prob, k)
-    answers = [extract_answer(c) for c in completions]
     fmt = np.asarray(format_reward(completions), np.float64)
     think = np.asarray([think_used(c) for c in completions], np.float64)
     lengths_a = np.asarray(lengths, np.float64)
 
     c = correct.sum(axis=1)
-    maj = np.asarray([maj_at_k(answers[i * k:(i + 1) * k], records[i].get("answer"), k) for i in range(n_prob)])
+    # maj@k: the majority answer, judged by the same correctness check as every sample (math-verify when the run
+    # scores with it), not by string equality with the gold
+    winners = [majority_answer(answers[i * k:(i + 1) * k]) for i in range(n_prob)]
+    judged = score_fn([f"<answer>{w}</answer>" for w in winners], answer=[r.get("answer") for r in records])
+    maj = np.asarray([float(w is not None and j >= 1.0) for w, j in zip(winners, judged)])
     ks = sorted({j for j in (2 ** p for p in range(k.bit_length())) if j <= k} | {k})
     per_k = {j: np.asarray([pass_at_k(k, int(ci), j) for ci in c]) for j in ks}
 

@@ -11,10 +11,12 @@ A configuration picks one of each by name; adding a variant is one decorated fun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+
+from rl.rollout import Sampling
 
 ADVANTAGES, POLICY_LOSSES, AGGREGATIONS = {}, {}, {}
 
@@ -32,10 +34,9 @@ class GRPOConfig:
 
     num_generations: int = 8  # G: samples per prompt
     prompts_per_step: int = 16  # prompts (groups) per rollout batch
-    max_new_tokens: int = 48
-    temperature: float = 1.0  # sampling and scoring temperature
-    top_p: float = 1.0
-    top_k: int = 0
+    # temperature (sampling and scoring), top_p, top_k, max_new_tokens, stop strings, think prefix, BOS: the one
+    # Sampling that rollouts and held-out evaluation share (evaluation changes only temperature and top_p)
+    sampling: Sampling = field(default_factory=Sampling)
     advantage: str = "grpo"  # 'grpo' | 'dr_grpo' | 'rloo'
     policy_loss: str = "ppo_clip"  # 'ppo_clip' | 'gspo'
     loss_agg: str = "seq_mean_token_mean"  # | 'token_mean' (DAPO) | 'seq_mean_token_sum_norm' (Dr.GRPO)
@@ -49,7 +50,7 @@ class GRPOConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     max_resample_rounds: int = 4
     mask_truncated: bool = False  # DAPO overlong filtering: no loss on truncated samples
-    overlong_cache: int = 0  # DAPO soft overlong penalty L_cache (0 = off); L_max = max_new_tokens
+    overlong_cache: int = 0  # DAPO soft overlong penalty L_cache (0 = off); L_max = sampling.max_new_tokens
     std_eps: float = 1e-6
 
     def __post_init__(self):
@@ -58,20 +59,21 @@ class GRPOConfig:
                 raise ValueError(f"grpo.{name}: {msg}")
         check(self.num_generations >= 2, "num_generations", f"needs >= 2 samples per group, got {self.num_generations}")
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
-        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.advantage in ADVANTAGES, "advantage", f"unknown {self.advantage!r}; one of {sorted(ADVANTAGES)}")
         check(self.policy_loss in POLICY_LOSSES, "policy_loss",
               f"unknown {self.policy_loss!r}; one of {sorted(POLICY_LOSSES)}")
         check(self.loss_agg in AGGREGATIONS, "loss_agg", f"unknown {self.loss_agg!r}; one of {sorted(AGGREGATIONS)}")
+        check(self.policy_loss != "gspo" or self.loss_agg == "seq_mean_token_mean", "loss_agg",
+              f"gspo's sequence ratio needs sequence aggregation (seq_mean_token_mean), got {self.loss_agg!r}")
         check(self.epsilon_low >= 0 and self.epsilon_high >= 0, "epsilon_low/high", "must be >= 0")
         check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         check(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
         batch = self.num_generations * self.prompts_per_step
         check(self.mini_batches >= 1 and batch % self.mini_batches == 0, "mini_batches",
               f"{self.mini_batches} does not divide the rollout batch {batch}")
-        check(0 <= self.overlong_cache < self.max_new_tokens, "overlong_cache",
-              f"must be in [0, max_new_tokens={self.max_new_tokens}), got {self.overlong_cache}")
+        n = self.sampling.max_new_tokens
+        check(0 <= self.overlong_cache < n, "overlong_cache",
+              f"must be in [0, sampling.max_new_tokens={n}), got {self.overlong_cache}")
 
 
 # ---- advantages: rewards [groups, G] -> [groups, G] -----------------------------------------------------------
@@ -95,20 +97,27 @@ def rloo_advantage(r, eps):
 
 # ---- per-token policy objective: -> (loss [B, T], ratio [B, T]) -------------------------------------------------
 
+MAX_LOG_RATIO = 20.0  # log π/π_old is clamped before exp (as verl and Tunix do): no inf, no 0·inf NaN gradient
+
+
+def _log_ratio(logp, old_logp):
+    return jnp.clip(logp - old_logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+
+
 def _clipped(ratio, adv, lo, hi):
     return -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - lo, 1 + hi) * adv)
 
 
 @_register(POLICY_LOSSES, "ppo_clip")
 def ppo_clip_loss(logp, old_logp, adv, mask, lo, hi):
-    ratio = jnp.exp(logp - old_logp)
+    ratio = jnp.exp(_log_ratio(logp, old_logp))
     return _clipped(ratio, adv[:, None], lo, hi), ratio
 
 
 @_register(POLICY_LOSSES, "gspo")
 def gspo_loss(logp, old_logp, adv, mask, lo, hi):
     n = jnp.maximum(mask.sum(1), 1.0)
-    seq_ratio = jnp.exp(jnp.sum((logp - old_logp) * mask, axis=1) / n)  # s_i
+    seq_ratio = jnp.exp(jnp.sum(_log_ratio(logp, old_logp) * mask, axis=1) / n)  # s_i
     # GSPO-token: value s_i, gradient of s_i·log π per token
     ratio = jax.lax.stop_gradient(seq_ratio)[:, None] * jnp.exp(logp - jax.lax.stop_gradient(logp))
     return _clipped(ratio, adv[:, None], lo, hi), ratio

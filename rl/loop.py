@@ -3,8 +3,10 @@
 One iteration (algorithms.md §1):
     prompts -> rl.sampler.generate (the training params, the same forward) -> rewards (+ soft overlong
     penalty) -> [dynamic sampling: keep groups whose rewards differ, refill] -> advantages ->
-    old log-probs (the sampler's own, which equal a teacher-forced pass to ~1e-5; used only when μ > 1 or
-    several mini-batches) and reference log-probs (teacher-forced; β > 0 or log_kl)
+    old log-probs (used only when μ > 1 or several mini-batches: in float32 the sampler's own, which equal a
+    teacher-forced pass to ~1e-7 per token; with another compute dtype a teacher-forced pass, because in bf16 the
+    sampler's per-sequence mean log-ratio is off by 2.6e-4 (small qwen2) to 4.5e-4 (tiny V3), above GSPO's clip
+    range) and reference log-probs (teacher-forced; β > 0 or log_kl)
     -> μ passes of mini-batch updates through train.step.Trainer with the GRPO objective.
 The RL state (params, optimizer, step, reference params, RNG, prompt order) checkpoints and resumes like
 pretraining. Metrics go to run_dir/metrics.jsonl each step.
@@ -25,8 +27,8 @@ import numpy as np
 from rl.evaluate import think_used
 from rl.grpo import ADVANTAGES, policy_objective, token_mean
 from rl.logprobs import completion_logprobs
-from rl.sampler import generate
-from rl.tasks import PromptSource, encode_prompts
+from rl.rollout import rollout
+from rl.tasks import PromptSource
 from sharding import batch_sharding, make_mesh, use_rules
 from sharding.distributed import initialize
 from train.checkpoint import Checkpointer, key_data, key_from_data
@@ -61,7 +63,7 @@ class GRPO:
         # (unsharded inputs would make every device score the whole batch)
         t = self.trainer
         rows = lambda ndim: batch_sharding(t.mesh, t.rules, ndim)
-        self._score_fn = jax.jit(partial(completion_logprobs, exp.model, temperature=g.temperature),
+        self._score_fn = jax.jit(partial(completion_logprobs, exp.model, temperature=g.sampling.temperature),
                                  in_shardings=(t.param_sharding, rows(2), rows(1), rows(2)))
 
     def _score(self, params, *args):
@@ -72,7 +74,7 @@ class GRPO:
     def _loss(self, params, batch, denominator, n_micro):
         g = self.exp.grpo
         logp, entropy, aux = completion_logprobs(self.exp.model, params, batch["prompts"], batch["prompt_lens"],
-                                                 batch["completions"], g.temperature, with_entropy=True)
+                                                 batch["completions"], g.sampling.temperature, with_entropy=True)
         # π_old = π_θ on the first mini-batch after sampling: exactly ratio 1 there
         old = jnp.where(batch["first"][:, None] > 0, jax.lax.stop_gradient(logp), batch["old_logp"])
         loss, metrics = policy_objective(g, logp, old, batch.get("ref_logp"), batch["adv"], batch["loss_mask"])
@@ -83,25 +85,19 @@ class GRPO:
     def _sample(self, params, rng):
         g = self.exp.grpo
         recs = self.source.take(g.prompts_per_step)
-        prompts, lens = encode_prompts(self.tok, [r["prompt_text"] for r in recs], self.exp.max_prompt_len)
-        prompts, lens = np.repeat(prompts, g.num_generations, 0), np.repeat(lens, g.num_generations, 0)
-        stop = (tuple(self.tok.encode("</answer>")),)
-        out = jax.device_get(generate(self.exp.model, params, prompts, lens, g.max_new_tokens, g.temperature, rng,
-                                      top_k=g.top_k, top_p=g.top_p, eos_id=self.tok.eos_id, stop_sequences=stop,
-                                      pad_id=self.tok.pad_id or 0, vocab_limit=self.tok.vocab_size, mesh=self.mesh))
-        texts = [self.tok.decode([int(t) for t in row[:n] if t != self.tok.eos_id], skip_special_tokens=False)
-                 for row, n in zip(out.tokens, out.lengths)]
+        out = rollout(self.exp.model, params, [r["prompt_text"] for r in recs], g.sampling, self.tok, rng=rng,
+                      repeat=g.num_generations, max_prompt_len=self.exp.max_prompt_len, mesh=self.mesh,
+                      rules=self.trainer.rules)
         fields = {k: [r.get(k) for r in recs for _ in range(g.num_generations)] for k in recs[0]}
-        total, parts = self.reward(texts, **fields)
+        total, parts = self.reward(out.texts, **fields)
         rewards = np.asarray(total, np.float32)
         if g.overlong_cache:
             from rl.rewards import soft_overlong_penalty
-            rewards = rewards + np.asarray(soft_overlong_penalty(out.lengths, g.max_new_tokens, g.overlong_cache))
-        # np.array copies: device_get's arrays are read-only, and dynamic sampling overwrites groups in place
-        return {"prompts": prompts, "prompt_lens": lens, "completions": np.array(out.tokens),
-                "logprobs": np.array(out.logprobs, np.float32),
-                "lengths": np.array(out.lengths), "truncated": np.array(out.truncated), "rewards": rewards,
-                "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": texts}
+            rewards = rewards + np.asarray(soft_overlong_penalty(out.lengths, g.sampling.max_new_tokens,
+                                                                 g.overlong_cache))
+        return {"prompts": out.prompts, "prompt_lens": out.prompt_lens, "completions": out.tokens,
+                "logprobs": out.logprobs, "lengths": out.lengths, "truncated": out.truncated, "rewards": rewards,
+                "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": out.texts}
 
     def rollout(self, params, rng):
         """A full rollout batch; with dynamic sampling, groups with equal rewards are replaced while possible."""
@@ -124,7 +120,7 @@ class GRPO:
         return roll, rng
 
     # ---- one iteration ------------------------------------------------------------------------------------------
-    def iteration(self, state, ref, rng):
+    def iteration(self, state, ref, rng, step: int = 0):
         g, G = self.exp.grpo, self.exp.grpo.num_generations
         t0 = time.perf_counter()
         roll, rng = self.rollout(state["params"], rng)
@@ -139,7 +135,12 @@ class GRPO:
         args = (roll["prompts"], roll["prompt_lens"], roll["completions"])
         t1 = time.perf_counter()
         needs_old = g.num_iterations > 1 or g.mini_batches > 1
-        batch["old_logp"] = roll["logprobs"] if needs_old else np.zeros_like(mask)
+        if not needs_old:
+            batch["old_logp"] = np.zeros_like(mask)
+        elif self.exp.model.compute_dtype == "float32":
+            batch["old_logp"] = roll["logprobs"]  # equal to a teacher-forced pass to ~1e-7 per token
+        else:  # bf16: the sampler's per-sequence mean log-ratio is off by 2.6e-4..4.5e-4, past GSPO's clip
+            batch["old_logp"] = np.asarray(self._score(state["params"], *args)[0])
         if g.beta > 0 or g.log_kl:
             batch["ref_logp"] = np.asarray(self._score(ref, *args)[0])
         t_score = time.perf_counter() - t1
@@ -147,7 +148,9 @@ class GRPO:
         size = self.batch // g.mini_batches
         updates = []
         for epoch in range(g.num_iterations):
-            order = np.arange(self.batch) if epoch == 0 else np.random.default_rng([self.exp.seed, epoch]).permutation(self.batch)
+            # a new shuffle for every (step, pass): the same permutation each step would pair the same mini-batches
+            shuffle = np.random.default_rng([self.exp.seed, step, epoch])
+            order = np.arange(self.batch) if epoch == 0 else shuffle.permutation(self.batch)
             for k in range(g.mini_batches):
                 idx = order[k * size:(k + 1) * size]
                 mb = {key: v[idx] for key, v in batch.items()}
@@ -159,7 +162,8 @@ class GRPO:
         metrics = {
             "reward": float(roll["rewards"].mean()),
             **{f"reward_{k}": float(v.mean()) for k, v in roll["parts"].items()},
-            "accuracy": float(roll["parts"].get("accuracy", roll["rewards"]).mean()),
+            **({"accuracy": float(roll["parts"][_correctness(roll["parts"])].mean())}
+               if _correctness(roll["parts"]) else {}),
             "format_rate": float(roll["parts"]["format"].mean()) if "format" in roll["parts"] else float("nan"),
             "response_len_mean": float(roll["lengths"].mean()), "response_len_max": float(roll["lengths"].max()),
             "think_rate": float(np.mean([think_used(t) for t in roll["texts"]])),
@@ -179,6 +183,14 @@ class GRPO:
         return state, rng, metrics, roll
 
 
+CORRECTNESS_REWARDS = ("accuracy", "math_verify", "countdown", "arithmetic")  # the first present is 'accuracy'
+
+
+def _correctness(parts) -> str | None:
+    """The reward component that judges correctness ('accuracy' in the metrics); never the total reward."""
+    return next((k for k in CORRECTNESS_REWARDS if k in parts), None)
+
+
 def _zero_std(rewards, g):
     r = rewards.reshape(-1, g)
     return np.all(r == r[:, :1], axis=1)
@@ -194,13 +206,13 @@ def _copy_group(dst, src, slot, donor, g):
 
 
 def _evaluate(algo, exp, params, records, k, path):
-    from rl.evaluate import evaluate
+    from rl.evaluate import eval_sampling, evaluate
     from rl.rewards import REWARDS
     # held-out correctness by the run's own answer check: math-verify when training uses it, else integer match
     score = {"score_fn": REWARDS["math_verify"]} if "math_verify" in exp.rewards else {}
-    result = evaluate(exp.model, params, algo.tok, records, k=k, max_new_tokens=exp.grpo.max_new_tokens, **score,
+    result = evaluate(exp.model, params, algo.tok, records, k=k, sampling=eval_sampling(exp.grpo.sampling), **score,
                       max_prompt_len=exp.max_prompt_len, data_cfg=exp.prompts, rng=jax.random.key(exp.seed + 7),
-                      mesh=algo.mesh)
+                      mesh=algo.mesh, rules=algo.trainer.rules)
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)
     log.info("%s: pass@1 %.3f  pass@%d %.3f  maj@%d %.3f", os.path.basename(path), result["pass@1"], k,
@@ -246,7 +258,7 @@ def grpo(exp, records=None, eval_records=None, eval_k: int = 8) -> dict:
         for step in range(start, exp.steps):
             if ref is not None and exp.grpo.ref_reset_every and step and step % exp.grpo.ref_reset_every == 0:
                 ref = jax.tree.map(jnp.copy, state["params"])
-            state, rng, metrics, roll = algo.iteration(state, ref, rng)
+            state, rng, metrics, roll = algo.iteration(state, ref, rng, step)
             row = writer.write(step + 1, metrics)
             bad = bad + 1 if metrics["skipped"] else 0
             if bad >= exp.max_bad_steps:

@@ -10,7 +10,8 @@ slots at position -1, which attention never sees), so every row writes its next 
 slot. Prefill is one forward over the prompts; decoding is a `lax.while_loop` inside the same jit that
 stops early once every row has finished (EOS or a stop sequence). Log-probs are those of the sampled
 token under softmax(logits / temperature) over the full vocabulary — what a teacher-forced pass at the
-same temperature computes (`rl.logprobs`), whatever top-k/top-p filtering chose the token.
+same temperature computes (`rl.logprobs`), whatever top-k/top-p filtering chose the token. The pieces,
+`prefill`, `sample_token` and `decode_step`, are public so that benchmarks time them without a copy.
 """
 
 from __future__ import annotations
@@ -71,15 +72,43 @@ def _ends_with(history, i, seq):
     return (i + 1 >= n) & jnp.all(got == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
-                                   "eos_id", "stop_sequences", "pad_id", "vocab_limit"))
-def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, temperature, top_k, top_p, greedy,
-              eos_id, stop_sequences, pad_id, vocab_limit):
+def prefill(cfg, params, prompts, prompt_lens, max_new_tokens: int):
+    """Left-align right-padded prompts int32 [batch, P], run one forward over them into a fresh cache sized for
+    P + max_new_tokens. Returns (float32 logits of the last position [batch, vocab], cache)."""
     b, p = prompts.shape
     tokens, positions = left_align(prompts, prompt_lens)
     cache = init_cache(cfg, b, p + max_new_tokens)
     logits, cache, _ = forward(cfg, params, tokens, positions, cache, with_mtp=False)
-    last = logits[:, -1].astype(jnp.float32)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+def sample_token(last, key, *, temperature: float, top_k: int, top_p: float, greedy: bool, vocab_limit):
+    """Draw one token per row from float32 logits [batch, vocab]: (tokens int32 [batch], their log-probs under
+    softmax(logits / temperature) over the full vocabulary [batch])."""
+    scaled = last / temperature
+    if greedy:
+        tok = jnp.argmax(filter_logits(last, 0, 1.0, vocab_limit), axis=-1)
+    else:
+        tok = jax.random.categorical(key, filter_logits(scaled, top_k, top_p, vocab_limit), axis=-1)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
+    return tok.astype(jnp.int32), lp
+
+
+def decode_step(cfg, params, tok, positions, cache):
+    """One cached forward of tokens int32 [batch] at positions int32 [batch]: (float32 next logits, cache)."""
+    logits, cache, _ = forward(cfg, params, tok[:, None], positions[:, None].astype(jnp.int32), cache,
+                               with_mtp=False)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
+                                   "eos_id", "stop_sequences", "pad_id", "vocab_limit"))
+def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, temperature, top_k, top_p, greedy,
+              eos_id, stop_sequences, pad_id, vocab_limit):
+    b = prompts.shape[0]
+    last, cache = prefill(cfg, params, prompts, prompt_lens, max_new_tokens)
+    draw = partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                   vocab_limit=vocab_limit)
 
     def cond(carry):
         i, _, _, _, _, done, _, _ = carry
@@ -88,12 +117,7 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
     def body(carry):
         i, last, cache, out_tok, out_lp, done, lengths, rng = carry
         rng, key = jax.random.split(rng)
-        scaled = last / temperature
-        if greedy:
-            tok = jnp.argmax(filter_logits(last, 0, 1.0, vocab_limit), axis=-1)
-        else:
-            tok = jax.random.categorical(key, filter_logits(scaled, top_k, top_p, vocab_limit), axis=-1)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
+        tok, lp = draw(last, key)
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
         out_tok = out_tok.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
@@ -104,9 +128,8 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
         for seq in stop_sequences:
             finished = finished | _ends_with(out_tok, i, seq)
         done = done | finished
-        pos = (prompt_lens + i)[:, None].astype(jnp.int32)
-        logits, cache, _ = forward(cfg, params, tok[:, None], pos, cache, with_mtp=False)
-        return i + 1, logits[:, -1].astype(jnp.float32), cache, out_tok, out_lp, done, lengths, rng
+        last, cache = decode_step(cfg, params, tok, prompt_lens + i, cache)
+        return i + 1, last, cache, out_tok, out_lp, done, lengths, rng
 
     init = (jnp.int32(0), last, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
             jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), rng)

@@ -52,17 +52,6 @@ class PromptSource:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def encode_prompts(tokenizer, texts: list[str], width: int, bos: bool = True):
-    """Right-padded int32 [len(texts), width] and lengths; prompts longer than `width` keep their end."""
-    ids = [([tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []) + tokenizer.encode(t) for t in texts]
-    ids = [x[-width:] for x in ids]
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    out = np.full((len(ids), width), pad, np.int32)
-    for i, x in enumerate(ids):
-        out[i, :len(x)] = x
-    return out, np.asarray([len(x) for x in ids], np.int32)
-
-
 # ---- digit chains: a task where written reasoning pays ----------------------------------------------------------
 # "3 +5=? -9=? +2=?  (mod 10)": a worksheet of signed digits, summed mod 10. The worked response fills the
 # blanks in order, "<think>3 +5=8 -9=9 +2=1</think> <answer>1</answer>"; a direct one is

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import rl.evaluate as ev
+import rl.rollout
 from model import init_params
 from model.config import ModelConfig
 from rl.evaluate import (
@@ -21,6 +22,7 @@ from rl.evaluate import (
     pass_at_k,
     think_used,
 )
+from rl.rollout import Sampling
 from rl.sampler import SampleOutput
 from train.data import synthetic_example
 from train.tokenizer import ByteTokenizer
@@ -131,7 +133,7 @@ def test_evaluate_tiny_random_model():
     tok = ByteTokenizer()
     params = init_params(TINY, 0)
     records = held_out_problems(seed=0, n=3)
-    m = evaluate(TINY, params, tok, records, k=2, max_new_tokens=4, template="{prompt}", rng=jax.random.key(1),
+    m = evaluate(TINY, params, tok, records, k=2, sampling=Sampling(max_new_tokens=4, temperature=0.6, top_p=0.95), template="{prompt}", rng=jax.random.key(1),
                  batch_size=4, details=True)  # 6 rows in batches of 4: the last one padded
     for key in KEYS:
         assert key in m, key
@@ -142,7 +144,7 @@ def test_evaluate_tiny_random_model():
     assert sum(v["n"] for v in m["by_difficulty"].values()) == 3
     assert [len(p["completions"]) for p in m["problems"]] == [2, 2, 2]
     # same rng -> same result; the batch split does not matter for the keys' ranges
-    m2 = evaluate(TINY, params, tok, records, k=2, max_new_tokens=4, template="{prompt}", rng=jax.random.key(1),
+    m2 = evaluate(TINY, params, tok, records, k=2, sampling=Sampling(max_new_tokens=4, temperature=0.6, top_p=0.95), template="{prompt}", rng=jax.random.key(1),
                   batch_size=4, details=True)
     assert m2["problems"] == m["problems"]
 
@@ -185,8 +187,9 @@ def _fake_generate(tok):
 def test_evaluate_scripted_completions(monkeypatch):
     tok = ByteTokenizer()
     fake, served = _fake_generate(tok)
-    monkeypatch.setattr(ev, "generate", fake)
-    m = evaluate(TINY, None, tok, RECORDS, k=4, max_new_tokens=60, template="{prompt}", batch_size=5)
+    monkeypatch.setattr(rl.rollout, "generate", fake)
+    m = evaluate(TINY, None, tok, RECORDS, k=4, sampling=Sampling(max_new_tokens=60), template="{prompt}",
+                 batch_size=5)
     assert sum(served.values()) == 15  # 12 rows in 3 batches of 5, the last padded with a repeat
     assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4 + 3 / 4) / 3)
     assert m["pass@2"] == pytest.approx((pass_at_k(4, 2, 2) + pass_at_k(4, 1, 2) + pass_at_k(4, 3, 2)) / 3)
@@ -207,8 +210,8 @@ def test_evaluate_prepends_think_when_template_ends_with_it(monkeypatch):
     SCRIPT["Q <think>"] = ["reasoning</think> <answer>5</answer>"]
     try:
         fake, _ = _fake_generate(tok)
-        monkeypatch.setattr(ev, "generate", fake)
-        m = evaluate(TINY, None, tok, [{"prompt": "Q", "answer": "5"}], k=1, max_new_tokens=60,
+        monkeypatch.setattr(rl.rollout, "generate", fake)
+        m = evaluate(TINY, None, tok, [{"prompt": "Q", "answer": "5"}], k=1, sampling=Sampling(max_new_tokens=60),
                      template="{prompt} <think>")
     finally:
         del SCRIPT["Q <think>"]

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rl.rollout import Sampling
 from rl.grpo import (ADVANTAGES, AGGREGATIONS, GRPOConfig, k3_kl, policy_objective, seq_mean_token_mean,
                      seq_mean_token_sum_norm, token_mean)
 
@@ -96,3 +97,17 @@ def test_log_kl_reports_kl_without_changing_the_loss():
     np.testing.assert_allclose(m["kl"], jnp.mean(k3_kl(logp, ref)), rtol=1e-6)
     penalised = GRPOConfig(beta=0.1)
     assert not np.allclose(grad(penalised, ref), grad(plain, None))
+
+
+def test_gspo_needs_sequence_aggregation_and_ratios_are_bounded():
+    with pytest.raises(ValueError, match="grpo.loss_agg"):
+        GRPOConfig(policy_loss="gspo", loss_agg="token_mean")
+    with pytest.raises(ValueError, match="sampling.temperature"):
+        GRPOConfig(sampling=Sampling(temperature=0.0))
+    # a log-ratio far past exp's range: a finite loss and gradient (clamped at ±20), not inf / NaN
+    logp = jnp.asarray([[0.0, -200.0], [-1.0, -1.0]])
+    old = jnp.asarray([[-200.0, 0.0], [-1.0, -1.0]])
+    adv, mask = jnp.asarray([-1.0, 1.0]), jnp.ones((2, 2))
+    for cfg in (GRPOConfig(), GRPOConfig(policy_loss="gspo")):
+        loss, grad = jax.value_and_grad(lambda lp: policy_objective(cfg, lp, old, None, adv, mask)[0])(logp)
+        assert np.isfinite(loss) and np.all(np.isfinite(grad)), cfg.policy_loss

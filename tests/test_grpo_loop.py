@@ -6,6 +6,7 @@ import pytest
 from experiments.config import CheckpointConfig, RLExperiment
 from model.config import ModelConfig
 from rl.grpo import GRPOConfig
+from rl.rollout import Sampling
 from sharding.mesh import MeshConfig
 from train.config import OptimConfig
 from train.data import DataConfig
@@ -32,7 +33,7 @@ def _register(monkeypatch):
 
 
 def _exp(run_dir, **kw):
-    grpo = dict(num_generations=16, prompts_per_step=4, max_new_tokens=2, temperature=1.0)
+    grpo = dict(num_generations=16, prompts_per_step=4, sampling=Sampling(temperature=1.0, max_new_tokens=2))
     grpo.update(kw.pop("grpo", {}))
     return RLExperiment(
         name="fixed", model=MODEL, run_dir=str(run_dir),
@@ -58,7 +59,8 @@ def test_first_minibatch_ratio_is_one_and_kl_starts_at_zero(tmp_path):
     for r in rows:
         assert r["first_ratio_mean"] == 1.0 and r["first_clip_frac"] == 0.0
     assert rows[0]["kl"] <= 1e-7
-    for key in ("reward", "accuracy", "format_rate", "response_len_mean", "response_len_max", "truncated_frac",
+    assert "accuracy" not in rows[-1]  # no reward judges correctness here: never the total reward under that name
+    for key in ("reward", "format_rate", "response_len_mean", "response_len_max", "truncated_frac",
                 "entropy", "kl", "clip_frac_low", "clip_frac_high", "zero_std_frac", "grad_norm",
                 "reward_five_first"):
         assert key in rows[-1], key

@@ -112,7 +112,7 @@ def test_defaults_are_the_cluster_recipe(gsm8k):
     assert all(r in REWARDS for r in exp.rewards) and "math_verify" in exp.rewards
     assert exp.model.compute_dtype == "bfloat16" and exp.model.param_dtype == "float32"
     assert exp.mesh.fsdp == -1 and exp.grpo.beta == 0.0 and 8 <= exp.grpo.num_generations <= 16
-    assert 512 <= exp.grpo.max_new_tokens <= 1024 and 1e-6 <= exp.optim.lr <= 3e-6
+    assert 512 <= exp.grpo.sampling.max_new_tokens <= 1024 and 1e-6 <= exp.optim.lr <= 3e-6
     with pytest.raises(ValueError, match="init_from"):
         gsm8k.resolve(exp)
 
@@ -153,7 +153,8 @@ def test_r1_zero_gsm8k_runs_end_to_end(gsm8k, checkpoint, tmp_path):
     # prompts short and let the rollouts reuse the evaluation's compiled sampler (CPU time)
     overrides = [f"init_from={d}", f"prompts.path={train}", f"eval_path={DATA}", "eval_problems=4", "eval_k=2",
                  f"run_dir={run_dir}", "steps=2", "grpo.num_generations=4", "grpo.prompts_per_step=2",
-                 "grpo.max_new_tokens=16", "grpo.mini_batches=1", "grpo.temperature=0.6", "grpo.top_p=0.95",
+                 "grpo.sampling.max_new_tokens=16", "grpo.mini_batches=1", "grpo.sampling.temperature=0.6",
+                 "grpo.sampling.top_p=0.95",
                  "prompts.chat_template=User: {prompt}. Assistant:", "max_prompt_len=160",
                  "model.compute_dtype=float32", "model.remat=none", "checkpoint.every=0", "tensorboard=false",
                  "progress=false"]  # mesh: the default fsdp=-1, i.e. 8-way FSDP over the 8 fake devices

@@ -109,10 +109,10 @@ def test_rejection_sft_names_the_override_when_the_rl_run_is_missing(tmp_path):
 
 TINY_PIPELINE = [  # every stage a few steps; one MLA + MoE + MTP layer (compile time), a one-layer dense student
     "zero.model.n_layers=1", "zero.model.moe.first_k_dense=0",
-    "zero.steps=2", "zero.grpo.prompts_per_step=2", "zero.grpo.num_generations=4", "zero.grpo.max_new_tokens=24",
+    "zero.steps=2", "zero.grpo.prompts_per_step=2", "zero.grpo.num_generations=4", "zero.grpo.sampling.max_new_tokens=24",
     "zero.checkpoint.every=0",
     "r1.rl.steps=2", "r1.rl.grpo.prompts_per_step=2", "r1.rl.grpo.num_generations=4",
-    "r1.rl.grpo.max_new_tokens=24", "r1.rl.checkpoint.every=0", "r1.traces=24", "r1.cold_start.steps=2",
+    "r1.rl.grpo.sampling.max_new_tokens=24", "r1.rl.checkpoint.every=0", "r1.traces=24", "r1.cold_start.steps=2",
     "r1.cold_start.batch_size=8",
     "rejection.sample.prompts=4", "rejection.sample.k=2", "rejection.sample.max_new_tokens=24",
     "rejection.sft.steps=2", "rejection.sft.batch_size=8",

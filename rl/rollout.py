@@ -1,0 +1,139 @@
+"""One rollout path: encode prompts, sample with the shared forward, decode, extract answers.
+
+    from rl.rollout import Sampling, rollout
+    s = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=48)
+    out = rollout(cfg, params, ["...User: 3 +1=? ... Assistant:"], s, tokenizer, rng=key, repeat=8)
+    out.texts[i], out.answers[i], out.tokens [n * repeat, max_new_tokens], out.logprobs, out.lengths, out.truncated
+
+The GRPO loop (rl/loop.py), held-out evaluation (rl/evaluate.py) and trace collection (rl/traces.py) all call
+`rollout`, so what evaluation scores is what training optimises: the same BOS, stop strings, think prefix and
+decoding. A completion's text is the decoded tokens after the rendered prompt, EOS removed, with `think_prefix`
+prepended when the rendered prompt itself ends with it (a template that opens the <think> for the model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from rl.reward_inputs import extract_answer
+from rl.sampler import generate
+
+__all__ = ["Rollout", "Sampling", "encode_prompts", "rollout"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are sampled. temperature > 0 (log-probs are reported at it); top_p 1 and top_k 0 are off;
+    greedy takes the argmax. Generation stops at EOS or after any of `stop` (strings, encoded by the tokenizer);
+    `add_bos` prepends the tokenizer's BOS to each prompt; `think_prefix` is prepended to a completion whose
+    rendered prompt ends with it ('' never)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+    stop: tuple[str, ...] = ("</answer>",)
+    think_prefix: str = "<think>"
+    add_bos: bool = True
+    greedy: bool = False
+
+    def __post_init__(self):
+        def check(ok, name, msg):
+            if not ok:
+                raise ValueError(f"sampling.{name}: {msg}")
+        check(self.temperature > 0, "temperature", f"must be > 0 (greedy=True for argmax), got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", f"must be non-empty strings, got {self.stop}")
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, one row per (record, repeat): row r belongs to record r // repeat."""
+
+    prompts: np.ndarray  # int32 [rows, max_prompt_len], right-padded
+    prompt_lens: np.ndarray  # int32 [rows]
+    tokens: np.ndarray  # int32 [rows, max_new_tokens], pad after the end
+    logprobs: np.ndarray  # float32 [rows, max_new_tokens], at the sampling temperature, 0 after the end
+    lengths: np.ndarray  # int32 [rows], generated tokens including EOS / the stop sequence
+    truncated: np.ndarray  # bool [rows]
+    texts: list[str]  # the completions as scored
+    answers: list[str | None]  # extracted answers
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], width: int, bos: bool = True):
+    """Right-padded int32 [len(texts), width] and lengths; prompts longer than `width` keep their end."""
+    ids = [([tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []) + tokenizer.encode(t) for t in texts]
+    ids = [x[-width:] for x in ids]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    out = np.full((len(ids), width), pad, np.int32)
+    for i, x in enumerate(ids):
+        out[i, :len(x)] = x
+    return out, np.asarray([len(x) for x in ids], np.int32)
+
+
+def _batch_multiple(mesh, rules) -> int:
+    """Rows per call must divide over the mesh's batch axes."""
+    if mesh is None:
+        return 1
+    from sharding import DEFAULT_RULES
+    from sharding.rules import spec_for
+    spec = spec_for(("batch",), rules or DEFAULT_RULES, mesh)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return int(math.prod(mesh.shape[a] for a in axes))
+
+
+def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokenizer, *, rng=None, repeat: int = 1,
+            max_prompt_len: int | None = None, batch_size: int | None = None, mesh=None, rules=None,
+            extract: Callable[[Any], str | None] = extract_answer) -> Rollout:
+    """`repeat` samples of each rendered prompt in `prompt_texts`.
+
+    Prompts are right-padded to `max_prompt_len` tokens (default: the longest; longer ones keep their end). Rows go
+    through `rl.sampler.generate` `batch_size` at a time (default all at once), the last call padded so every call
+    has one shape and compiles once; with `mesh`, the call size is rounded up to a multiple of the data-parallel
+    size. `rng` (default key 0) is folded with the call index when there are several calls.
+    """
+    texts = list(prompt_texts)
+    if not texts:
+        raise ValueError("rollout: no prompts")
+    if repeat < 1:
+        raise ValueError(f"rollout: repeat must be >= 1, got {repeat}")
+    bos = sampling.add_bos
+    if max_prompt_len is None:
+        max_prompt_len = max(len(tokenizer.encode(t)) for t in texts) + int(bos and tokenizer.bos_id is not None)
+    prompts, lens = encode_prompts(tokenizer, texts, int(max_prompt_len), bos=bos)
+    rows = np.repeat(np.arange(len(texts)), repeat)
+    n_rows = len(rows)
+    mult = _batch_multiple(mesh, rules)
+    bs = -(-min(int(batch_size or n_rows), n_rows) // mult) * mult
+    rng = jax.random.key(0) if rng is None else rng
+    stop = tuple(tuple(tokenizer.encode(s)) for s in sampling.stop)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    parts = []
+    for b, start in enumerate(range(0, n_rows, bs)):
+        idx = rows[start:start + bs]
+        idx = np.concatenate([idx, np.full(bs - len(idx), idx[-1])])  # pad the last call: same shape every call
+        key = rng if bs >= n_rows else jax.random.fold_in(rng, b)
+        out = jax.device_get(generate(cfg, params, prompts[idx], lens[idx], sampling.max_new_tokens,
+                                      sampling.temperature, key, top_k=sampling.top_k, top_p=sampling.top_p,
+                                      greedy=sampling.greedy, eos_id=tokenizer.eos_id, stop_sequences=stop,
+                                      pad_id=pad, vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules))
+        take = min(bs, n_rows - start)
+        parts.append([np.asarray(x)[:take] for x in out])
+    tokens, logprobs, lengths, truncated = (np.concatenate(x) for x in zip(*parts))
+    eos = tokenizer.eos_id
+    prefix = [sampling.think_prefix if sampling.think_prefix and t.rstrip().endswith(sampling.think_prefix) else ""
+              for t in texts]
+    decoded = [prefix[rows[r]] + tokenizer.decode([int(t) for t in tokens[r][:lengths[r]] if t != eos],
+                                                  skip_special_tokens=False) for r in range(n_rows)]
+    # np.array copies: device_get's arrays are read-only, and dynamic sampling overwrites groups in place
+    return Rollout(prompts=np.array(prompts[rows]), prompt_lens=np.array(lens[rows]), tokens=np.array(tokens),
+                   logprobs=np.array(logprobs, np.float32), lengths=np.array(lengths),
+                   truncated=np.array(truncated), texts=decoded, answers=[extract(c) for c in decoded])
