@@ -32,6 +32,8 @@ steps, clip 1.0; V3 holds the peak to 10T tokens then decays by cosine to 2.2e-5
 final_lr_frac 0.1 over the whole run is the nearest built-in shape. Steps: 14.8T tokens / 67.1M.
 """
 
+PLAN_ONLY = True  # experiments.run refuses it: python -m experiments.plan experiments/deepseek_v3.py
+
 import math
 
 from experiments.config import CheckpointConfig, Experiment

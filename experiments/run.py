@@ -2,7 +2,12 @@
 
     python -m experiments.run experiments/tiny_pretrain.py run_dir=/tmp/r steps=200 mesh.data=2 optim.lr=1e-3
 
-A run_dir that holds a checkpoint resumes from it.
+A run_dir that holds a checkpoint resumes from it. The file's `config()` decides what runs: an `Experiment`
+pretrains / fine-tunes, an `RLExperiment` runs GRPO; a file that also defines `main(exp)` (a multi-stage pipeline)
+runs that instead. A multi-host job joins `jax.distributed` here, once per process (SLURM, or R1JAX_COORDINATOR /
+R1JAX_NUM_PROCESSES / R1JAX_PROCESS_ID). Errors a user can fix (a config field, a mesh that does not fit the
+devices, a missing file, an incompatible checkpoint) print as one line; `verbose=true` shows the traceback and
+third-party INFO logging (orbax, absl, jax), which is otherwise off.
 """
 
 from __future__ import annotations
@@ -29,22 +34,66 @@ def load_experiment(path: str, overrides: list[str]):
     return module, apply_overrides(module.config(), overrides)
 
 
+_OURS = ("experiments", "model", "rl", "sharding", "train", "bench", "__main__")
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our INFO lines always; everyone else's only with verbose (orbax alone logs ~220 lines in the main job)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    for name in _OURS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not verbose:
+        for name in ("absl", "orbax", "jax", "grain", "tensorstore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _user_errors() -> tuple:
+    """What a user can fix, at any point of a run (a ValueError only while the config is built: later it is a bug)."""
+    from rl.reward_inputs import SandboxError
+    from sharding.mesh import ShardingError
+    from train.run import RunError
+    return (OverrideError, FileNotFoundError, ShardingError, RunError, SandboxError)
+
+
+def run(module, exp) -> None:
+    """Dispatch on what the experiment file defines (see the module docstring)."""
+    from experiments.config import RLExperiment
+    from train.run import RunError
+    if getattr(module, "PLAN_ONLY", False):
+        raise RunError(f"{module.__file__} is a plan, not a run: "
+                         f"python -m experiments.plan {os.path.relpath(module.__file__)}")
+    if hasattr(module, "main"):
+        module.main(exp)
+    elif isinstance(exp, RLExperiment):
+        from rl.loop import grpo
+        grpo(exp)
+    else:
+        from train.loop import pretrain
+        pretrain(exp)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    verbose = any(a in ("verbose=true", "verbose=True", "verbose=1") for a in argv[1:])
+    argv = [a for a in argv if not a.startswith("verbose=")]
+    setup_logging(verbose)
     try:
-        module, exp = load_experiment(argv[0], argv[1:])
-    except (OverrideError, ValueError, FileNotFoundError, AttributeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from sharding.distributed import initialize
+        initialize()  # once per process, before anything touches a device
+        try:
+            module, exp = load_experiment(argv[0], argv[1:])
+        except (ValueError, AttributeError) as e:  # a config field that does not validate, a file without config()
+            raise OverrideError(str(e)) from e
+        run(module, exp)
+    except _user_errors() as e:
+        if verbose:
+            raise
+        print(f"error: {e}  (verbose=true for the traceback)", file=sys.stderr)
         return 2
-    if hasattr(module, "main"):
-        module.main(exp)
-    else:
-        from train.loop import pretrain
-        pretrain(exp)
     return 0
 
 

@@ -30,12 +30,12 @@ from rl.logprobs import completion_logprobs
 from rl.rollout import rollout
 from rl.tasks import PromptSource
 from sharding import batch_sharding, make_mesh, use_rules
-from sharding.distributed import initialize
-from train.checkpoint import Checkpointer, key_data, key_from_data
+from sharding.distributed import from_host, to_host
+from train.checkpoint import key_data, key_from_data
 from train.config import LossConfig
 from train.data import load_tokenizer, validate_vocab
 from train.loop import load_base_params
-from train.metrics import MetricsWriter, plot_metrics
+from train.run import Run, RunError
 from train.step import Trainer
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ class GRPO:
                                  in_shardings=(t.param_sharding, rows(2), rows(1), rows(2)))
 
     def _score(self, params, *args):
-        with use_rules(self.trainer.mesh, self.trainer.rules):
+        t = self.trainer
+        args = [from_host(a, batch_sharding(t.mesh, t.rules, np.ndim(a))) for a in args]
+        with use_rules(t.mesh, t.rules):
             return self._score_fn(params, *args)
 
     # ---- the objective, inside the jitted train step ----------------------------------------------------------
@@ -140,9 +142,9 @@ class GRPO:
         elif self.exp.model.compute_dtype == "float32":
             batch["old_logp"] = roll["logprobs"]  # equal to a teacher-forced pass to ~1e-7 per token
         else:  # bf16: the sampler's per-sequence mean log-ratio is off by 2.6e-4..4.5e-4, past GSPO's clip
-            batch["old_logp"] = np.asarray(self._score(state["params"], *args)[0])
+            batch["old_logp"] = to_host(self._score(state["params"], *args)[0])
         if g.beta > 0 or g.log_kl:
-            batch["ref_logp"] = np.asarray(self._score(ref, *args)[0])
+            batch["ref_logp"] = to_host(self._score(ref, *args)[0])
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
         size = self.batch // g.mini_batches
@@ -155,6 +157,8 @@ class GRPO:
                 idx = order[k * size:(k + 1) * size]
                 mb = {key: v[idx] for key, v in batch.items()}
                 mb["first"][:] = 1.0 if (epoch == 0 and k == 0) else 0.0
+                t = self.trainer
+                mb = {key: from_host(v, batch_sharding(t.mesh, t.rules, v.ndim)) for key, v in mb.items()}
                 state, m = self.trainer.step(state, mb)
                 updates.append(jax.device_get(m))
         t_update = time.perf_counter() - t2
@@ -213,8 +217,9 @@ def _evaluate(algo, exp, params, records, k, path):
     result = evaluate(exp.model, params, algo.tok, records, k=k, sampling=eval_sampling(exp.grpo.sampling), **score,
                       max_prompt_len=exp.max_prompt_len, data_cfg=exp.prompts, rng=jax.random.key(exp.seed + 7),
                       mesh=algo.mesh, rules=algo.trainer.rules)
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=2)
+    if jax.process_index() == 0:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=2)
     log.info("%s: pass@1 %.3f  pass@%d %.3f  maj@%d %.3f", os.path.basename(path), result["pass@1"], k,
              result["pass@k"], k, result["maj@k"])
     return result
@@ -226,52 +231,47 @@ def grpo(exp, records=None, eval_records=None, eval_k: int = 8) -> dict:
     With `eval_records` (held-out problems), writes run_dir/eval_start.json before the first step and
     run_dir/eval_end.json after the last (pass@1 over k samples, pass@k, maj@k, length, think usage).
     """
-    initialize()
     run_dir = exp.directory
-    os.makedirs(run_dir, exist_ok=True)
     algo = GRPO(exp, records)
     trainer = algo.trainer
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.checkpoint.keep,
-                        async_save=exp.checkpoint.async_save)
-    state = (trainer.state_from_params(load_base_params(exp.init_from, trainer)) if exp.init_from
-             else trainer.init_state(exp.seed))
-    # copies: the train step donates (reuses) the state's buffers
-    ref = jax.tree.map(jnp.copy, state["params"]) if exp.grpo.beta > 0 or exp.grpo.log_kl else None
-    rng, start = jax.random.key(exp.seed), 0
-    if ckpt.steps():
-        full = {"train": state, **({"ref": ref} if ref is not None else {})}
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), full)
-        restored = ckpt.restore(abstract)
-        if restored is None:
-            raise RuntimeError(f"{ckpt.directory}: no usable checkpoint; move it away to start afresh")
-        full, meta = restored
-        state, ref = full["train"], full.get("ref")
-        rng, start = key_from_data(meta["rng"]), int(meta["step"])
-        algo.source.set_state(meta["prompts"])
-    with open(os.path.join(run_dir, "config.json"), "w") as fh:
-        json.dump(exp.to_dict(), fh, indent=2)
-    if eval_records and start == 0:
-        _evaluate(algo, exp, state["params"], eval_records, eval_k, os.path.join(run_dir, "eval_start.json"))
-    writer = MetricsWriter(run_dir, exp.steps, start, tensorboard=exp.tensorboard, progress=exp.progress)
-    row, bad = {}, 0
+    run = Run(exp)  # refuses a checkpoint of another model, as pretraining does
+    keep_ref = exp.grpo.beta > 0 or exp.grpo.log_kl
+    row = {}
     try:
+        rng, start = jax.random.key(exp.seed), run.latest_step()
+        if start:  # our own checkpoint first: init_from is not read when resuming
+            state = trainer.init_state(exp.seed)
+            full = {"train": state, **({"ref": state["params"]} if keep_ref else {})}
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), full)
+            del state, full
+            restored = run.ckpt.restore(abstract)
+            if restored is None:
+                raise RunError(f"{run.ckpt.directory}: no usable checkpoint; move it away to start afresh")
+            full, meta = restored
+            state, ref = full["train"], full.get("ref")
+            rng, start = key_from_data(meta["rng"]), int(meta["step"])
+            algo.source.set_state(meta["prompts"])
+        else:
+            state = (trainer.state_from_params(load_base_params(exp.init_from, trainer)) if exp.init_from
+                     else trainer.init_state(exp.seed))
+            # a copy: the train step donates (reuses) the state's buffers
+            ref = jax.tree.map(jnp.copy, state["params"]) if keep_ref else None
+        run.start(start)
+        if eval_records and start == 0:
+            _evaluate(algo, exp, state["params"], eval_records, eval_k, os.path.join(run_dir, "eval_start.json"))
         for step in range(start, exp.steps):
             if ref is not None and exp.grpo.ref_reset_every and step and step % exp.grpo.ref_reset_every == 0:
                 ref = jax.tree.map(jnp.copy, state["params"])
             state, rng, metrics, roll = algo.iteration(state, ref, rng, step)
-            row = writer.write(step + 1, metrics)
-            bad = bad + 1 if metrics["skipped"] else 0
-            if bad >= exp.max_bad_steps:
-                raise RuntimeError(f"{bad} consecutive GRPO steps had a non-finite loss or gradient; stopping")
-            if step + 1 == exp.steps or (exp.checkpoint.every and (step + 1) % exp.checkpoint.every == 0):
+            row = run.record(step + 1, metrics)
+            if run.should_save(step + 1):
                 full = {"train": state, **({"ref": ref} if ref is not None else {})}
-                ckpt.save(step + 1, full, {"config": exp.to_dict(), "rng": key_data(rng),
-                                           "prompts": algo.source.get_state()})
+                run.ckpt.save(step + 1, full, {"config": exp.to_dict(), "rng": key_data(rng),
+                                               "prompts": algo.source.get_state()})
     finally:
-        ckpt.close()
-        writer.close()
+        run.close()
     if eval_records:
         _evaluate(algo, exp, state["params"], eval_records, eval_k, os.path.join(run_dir, "eval_end.json"))
-    plot_metrics(run_dir, ["reward", "accuracy", "format_rate", "response_len_mean", "think_rate", "kl", "entropy",
-                           "clip_frac_high", "zero_std_frac"])
+    run.plot(["reward", "accuracy", "format_rate", "response_len_mean", "think_rate", "kl", "entropy",
+              "clip_frac_high", "zero_std_frac"])
     return row

@@ -23,6 +23,7 @@ import numpy as np
 
 from rl.reward_inputs import extract_answer
 from rl.sampler import generate
+from sharding.distributed import to_host
 
 __all__ = ["Rollout", "Sampling", "encode_prompts", "rollout"]
 
@@ -121,7 +122,7 @@ def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokeni
         idx = rows[start:start + bs]
         idx = np.concatenate([idx, np.full(bs - len(idx), idx[-1])])  # pad the last call: same shape every call
         key = rng if bs >= n_rows else jax.random.fold_in(rng, b)
-        out = jax.device_get(generate(cfg, params, prompts[idx], lens[idx], sampling.max_new_tokens,
+        out = to_host(generate(cfg, params, prompts[idx], lens[idx], sampling.max_new_tokens,
                                       sampling.temperature, key, top_k=sampling.top_k, top_p=sampling.top_p,
                                       greedy=sampling.greedy, eos_id=tokenizer.eos_id, stop_sequences=stop,
                                       pad_id=pad, vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules))

@@ -16,7 +16,10 @@ from jax.sharding import NamedSharding
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_count: int | None = None) -> None:
-    """Join a multi-process JAX job. A single process with nothing configured is a no-op."""
+    """Join a multi-process JAX job. A single process with nothing configured is a no-op, and so is a second call
+    in a process that has already joined (`jax.distributed.initialize` itself raises on a second call)."""
+    if jax.distributed.is_initialized():
+        return
     coordinator_address = coordinator_address or os.environ.get("R1JAX_COORDINATOR")
     if num_processes is None and "R1JAX_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["R1JAX_NUM_PROCESSES"])
@@ -44,3 +47,23 @@ def process_slice(global_batch: int) -> slice:
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
     """Assemble process-local rows [local_batch, ...] into global arrays sharded by `sharding`."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def to_host(tree):
+    """The full value of every array in `tree` as numpy on every process: `device_get` on one process, an
+    all-gather of the shards when an array spans processes (a rollout batch sharded over hosts)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
+
+
+def from_host(x, sharding: NamedSharding):
+    """A numpy array that every process holds whole (a rollout batch after `to_host`) as a global array placed by
+    `sharding`; unchanged on one process, where jit places numpy inputs itself."""
+    if jax.process_count() == 1:
+        return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

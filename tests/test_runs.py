@@ -97,7 +97,8 @@ def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path, caplog)
 def test_incompatible_checkpoint_is_refused_and_untouched(uninterrupted, tmp_path):
     import shutil
 
-    from train.loop import RunError, pretrain
+    from train.loop import pretrain
+    from train.run import RunError
     d = str(tmp_path / "run")
     shutil.copytree(uninterrupted, d)
     before = sorted(os.listdir(os.path.join(d, "checkpoints")))

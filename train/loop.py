@@ -8,7 +8,6 @@ that was never interrupted (tests/test_runs.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -19,17 +18,13 @@ import numpy as np
 
 from model import flops_per_token, init_params
 from sharding import batch_sharding, make_mesh, use_rules
-from sharding.distributed import global_batch, initialize
+from sharding.distributed import global_batch
 from train.checkpoint import Checkpointer, key_data, key_from_data
 from train.data import load_tokenizer, make_iterator, validate_vocab
-from train.metrics import MetricsWriter, plot_metrics
+from train.run import Run, RunError
 from train.step import Trainer
 
 log = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    pass
 
 
 _PEAK: dict[str, float] = {}
@@ -48,18 +43,6 @@ def matmul_peak_flops(n: int = 1024, reps: int = 5) -> float:
             times.append(time.perf_counter() - t)
         _PEAK["peak"] = 2 * n ** 3 / float(np.median(times))
     return _PEAK["peak"]
-
-
-def _first_difference(a, b, prefix="model"):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}.{k}")
-            if d:
-                return d
-        return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        a, b = list(a), list(b)
-    return None if a == b else f"{prefix}: checkpoint has {a!r}, this run has {b!r}"
 
 
 def load_base_params(path: str, trainer: Trainer):
@@ -90,17 +73,10 @@ def load_base_params(path: str, trainer: Trainer):
 
 
 def restore_or_init(exp, trainer: Trainer, ckpt: Checkpointer):
-    """-> (state, rng, data_state or None, start_step). Raises RunError on an incompatible checkpoint.
+    """-> (state, rng, data_state or None, start_step). `Run` has already refused a checkpoint of another model.
 
     A fresh run starts from `exp.init_from` (see `load_base_params`) when set, else from a random init."""
     steps = ckpt.steps()
-    model_now = json.loads(json.dumps(dataclasses.asdict(exp.model)))
-    if steps:
-        meta = ckpt.read_meta(steps[-1])
-        diff = _first_difference(meta["config"]["model"], model_now)
-        if diff:
-            raise RunError(f"{ckpt.directory} holds a checkpoint of a different model ({diff}); "
-                           "use another run_dir")
     rng = jax.random.key(exp.seed)
     if not steps:
         state = (trainer.state_from_params(load_base_params(exp.init_from, trainer)) if exp.init_from
@@ -121,30 +97,23 @@ def pretrain(exp, records=None) -> dict:
 
     Returns the last metrics row.
     """
-    initialize()  # multi-host from the environment; a no-op for one process
-    run_dir = exp.directory
-    os.makedirs(run_dir, exist_ok=True)
     tokenizer = load_tokenizer(exp.data.tokenizer)
     validate_vocab(tokenizer, exp.model.vocab_size)
     exp = dataclasses.replace(exp, optim=dataclasses.replace(exp.optim, total_steps=exp.optim.total_steps or exp.steps))
     mesh = make_mesh(exp.mesh)
     trainer = Trainer(exp.model, exp.optim, exp.loss, mesh)
     data = make_iterator(exp.data, exp.batch_size, tokenizer, records=records)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.checkpoint.keep,
-                        async_save=exp.checkpoint.async_save)
-    state, rng, data_state, start = restore_or_init(exp, trainer, ckpt)
-    if data_state is not None:
-        data.set_state(data_state)
-    with open(os.path.join(run_dir, "config.json"), "w") as fh:
-        json.dump(exp.to_dict(), fh, indent=2)
-
-    seq = exp.data.seq_len
-    flops_tok = flops_per_token(exp.model, seq)
-    peak = matmul_peak_flops() * jax.device_count()
-    writer = MetricsWriter(run_dir, exp.steps, start, tensorboard=exp.tensorboard, progress=exp.progress)
-    sharding = batch_sharding(mesh)
-    bad, row = 0, {}
+    run = Run(exp)
+    row = {}
     try:
+        state, rng, data_state, start = restore_or_init(exp, trainer, run.ckpt)
+        if data_state is not None:
+            data.set_state(data_state)
+        run.start(start)
+        seq = exp.data.seq_len
+        flops_tok = flops_per_token(exp.model, seq)
+        peak = matmul_peak_flops() * jax.device_count()
+        sharding = batch_sharding(mesh)
         for step in range(start, exp.steps):
             batch = global_batch(next(data), sharding)
             t0 = time.perf_counter()
@@ -152,17 +121,12 @@ def pretrain(exp, records=None) -> dict:
             metrics = jax.device_get(metrics)
             dt = time.perf_counter() - t0
             tokens = exp.batch_size * seq
-            bad = bad + 1 if metrics["skipped"] else 0
-            row = writer.write(step + 1, {**metrics, "tokens_per_s": tokens / dt,
-                                          "mfu": flops_tok * tokens / dt / peak, "step_time": dt})
-            if bad >= exp.max_bad_steps:
-                raise RunError(f"{bad} consecutive steps had a non-finite loss or gradient (last at step {step + 1}); "
-                               "stopping. The last checkpoint is intact.")
-            last = step + 1 == exp.steps
-            if last or (exp.checkpoint.every and (step + 1) % exp.checkpoint.every == 0):
-                ckpt.save(step + 1, state, {"config": exp.to_dict(), "rng": key_data(rng), "data": data.get_state()})
+            row = run.record(step + 1, {**metrics, "tokens_per_s": tokens / dt,
+                                        "mfu": flops_tok * tokens / dt / peak, "step_time": dt})
+            if run.should_save(step + 1):
+                run.ckpt.save(step + 1, state, {"config": exp.to_dict(), "rng": key_data(rng),
+                                                "data": data.get_state()})
     finally:
-        ckpt.close()
-        writer.close()
-    plot_metrics(run_dir, ["loss", "ce", "mtp", "balance", "grad_norm", "tokens_per_s", "mfu"])
+        run.close()
+    run.plot(["loss", "ce", "mtp", "balance", "grad_norm", "tokens_per_s", "mfu"])
     return row
