@@ -1,6 +1,6 @@
 """Two processes on localhost run experiment files through `python -m experiments.run`, joined by the R1JAX_*
-environment: pretraining then GRPO (from the pretrained run), one metrics line per step, pretraining losses equal
-to one process with the same two devices."""
+environment: pretraining with parameters sharded across the processes (fsdp = 2), then GRPO from it (data = 2),
+one metrics line per step, pretraining losses equal to one process with the same two devices."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = ["steps=3", "batch_size=4", "data.seq_len=32", "model.max_seq_len=256", "checkpoint.every=0",
+PRETRAIN = ["steps=3", "batch_size=4", "mesh.data=1", "mesh.fsdp=-1", "data.seq_len=32", "model.max_seq_len=256", "checkpoint.every=0",
             "progress=false", "tensorboard=false"]
 GRPO = ["steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.sampling.max_new_tokens=6",
         "checkpoint.every=0", "progress=false", "tensorboard=false"]
