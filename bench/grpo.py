@@ -101,13 +101,14 @@ def main(argv=None):
     command = "python -m bench.grpo " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
     import rl.loop as loop
+    import rl.rollout as rollout
     from rl.rewards import REWARDS
 
     exp = build(args)
     g = exp.grpo
     # time generation itself (blocked on its output) and detokenisation, inside the loop's own rollout
-    gen_clock = Clock(loop.generate, block=True)
-    loop.generate = gen_clock
+    gen_clock = Clock(rollout.generate, block=True)
+    rollout.generate = gen_clock
     algo = loop.GRPO(exp)
     reward_clock = Clock(algo.reward)
     algo.reward = reward_clock
