@@ -1,9 +1,9 @@
 """Is this text code? Two checks over untrusted answers, shared by the parent's pre-screen and the worker's hook.
 
-Several scorers evaluate an answer as Python (`eval(answer)`) or through sympy's `parse_expr`, which compiles and
-evaluates it with sympy's namespace and the builtins; sympy functions also re-parse string arguments the same way
-(`sin("exec(...)")`). So an answer is treated as a program, and a program may only be arithmetic over literals,
-symbols and a fixed set of mathematical functions:
+Several scorers hand an answer to Python's builtin evaluator or to sympy's `parse_expr`, which compiles and runs
+it with sympy's namespace and the builtins; sympy functions also re-parse string arguments the same way (a `sin` of
+a string that holds code runs that code). So an answer is treated as a program, and a program may only be
+arithmetic over literals, symbols and a fixed set of mathematical functions:
 
 - `code_risk(answer)`: the parent's pre-screen, before an answer is sent to any scorer. True for anything that could
   run code: '__', a Python parse with a node outside the whitelist (attributes, lambdas, comprehensions, f-strings,
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import copy
 import re
 import sys
 import unicodedata
@@ -70,9 +69,14 @@ def _name_refusal(name: str) -> str | None:
     return None
 
 
-def _tree_refusal(tree: ast.AST, *, strings: bool, depth: int = 0) -> str | None:
-    """Why `tree` is more than arithmetic over literals, symbols and `SAFE_CALLS`; None if it is not."""
+def _tree_refusal(tree: ast.AST, *, strings: bool, evaluate_kw: bool = False, depth: int = 0) -> str | None:
+    """Why `tree` is more than arithmetic over literals, symbols and `SAFE_CALLS`; None if it is not. With
+    `evaluate_kw`, the one keyword sympy's evaluate=False transform adds (`evaluate=<constant>`) is allowed."""
     for node in ast.walk(tree):
+        if isinstance(node, ast.keyword):
+            if evaluate_kw and node.arg == "evaluate" and isinstance(node.value, ast.Constant):
+                continue
+            return f"keyword argument {node.arg!r}"
         if not isinstance(node, _NODES):
             return f"syntax {type(node).__name__}"
         if isinstance(node, ast.Call):
@@ -144,24 +148,7 @@ def source_refusal(source) -> str | None:
             return f"unparsable source ({type(e).__name__})"
     if not isinstance(source, ast.AST):
         return f"source of type {type(source).__name__}"
-    for node in ast.walk(source):
-        if isinstance(node, ast.keyword):  # sympy's evaluate=False transform adds `evaluate=False`, nothing else
-            if node.arg != "evaluate" or not isinstance(node.value, ast.Constant):
-                return f"keyword argument {node.arg!r}"
-    return _tree_refusal(_without_keywords(source), strings=False)
-
-
-def _without_keywords(tree: ast.AST) -> ast.AST:
-    """A copy of `tree` with the (already checked) `evaluate=` keywords dropped, so the node whitelist can stay
-    keyword-free."""
-    return _DropKeywords().visit(copy.deepcopy(tree))
-
-
-class _DropKeywords(ast.NodeTransformer):
-    def visit_Call(self, node):
-        self.generic_visit(node)
-        node.keywords = []
-        return node
+    return _tree_refusal(source, strings=False, evaluate_kw=True)
 
 
 _STAR_CODE = compile(_SYMPY_STAR_IMPORT, "<string>", "exec")
