@@ -11,8 +11,14 @@ bf16 parameters and compute). Its RoPE is the released YaRN (factor 40) config; 
 4K without the extension (§4.3), which changes neither the parameter count nor the FLOPs. Remat: 'block'
 (keep each layer's input, recompute the layer in the backward). V3 (§3.2.3) recomputes only RMSNorm and the
 MLA up-projections, but it holds 4 layers per pipeline stage; without a pipeline axis every device holds all
-61 layers' activations, and the planner puts 'dots' at ~86 GiB of activations per device here (~148 GiB in
-all) against ~10 GiB for 'block' (~72 GiB in all, under the H800's 80 GB).
+61 layers' activations, and the planner puts 'dots' far over 80 GB here against ~12 GiB of activations for
+'block' (~74 GiB in all, under the H800's 80 GB).
+
+MoE: impl='capacity' with capacity_factor 1.25 over all-to-all (model/expert_parallel.py). V3 itself drops no
+tokens, but our exact dropless path under expert parallelism needs worst-case static buffers (n slots per
+expert: 143 GiB per device, does not fit) and 'dense' computes all 256 experts on every token (86.7 GiB, 32x
+the routed FLOPs); with 1.25 slack per expert and the aux-loss-free balancing keeping loads near the mean,
+few pairs drop (the train step reports the fraction as 'moe_dropped').
 
 Mesh (2,048 devices = 256 nodes x 8 H800). V3 used 16-way pipeline parallelism, 64-way expert parallelism
 across 8 nodes and ZeRO-1 data parallelism, no tensor parallelism (§3.2). Our axes are data, fsdp, tensor,
@@ -37,6 +43,8 @@ PLAN_ONLY = True  # experiments.run refuses it: python -m experiments.plan exper
 import math
 
 from experiments.config import CheckpointConfig, Experiment
+import dataclasses
+
 from model.config import deepseek_v3_671b
 from sharding.mesh import MeshConfig
 from train.config import LossConfig, OptimConfig
@@ -58,10 +66,15 @@ REFERENCE = {
 }
 
 
+def _model():
+    cfg = deepseek_v3_671b()
+    return cfg.replace(remat="block", moe=dataclasses.replace(cfg.moe, impl="capacity", capacity_factor=1.25))
+
+
 def config() -> Experiment:
     return Experiment(
         name="deepseek_v3",
-        model=deepseek_v3_671b().replace(remat="block"),
+        model=_model(),
         data=DataConfig(kind="pretrain", source="synthetic", tokenizer="byte", seq_len=SEQ_LEN, seed=0),
         mesh=MeshConfig(data=-1, fsdp=32, tensor=1, expert=64),
         optim=OptimConfig(lr=2.2e-4, warmup_steps=2000, schedule="cosine", final_lr_frac=0.1, b1=0.9, b2=0.95,

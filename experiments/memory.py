@@ -27,40 +27,74 @@ def _attn_bytes(cfg, policy: str, t: int, beta: int) -> float:
     return beta * (d + d) + beta * (h * hd + 2 * kv * hd) / t
 
 
-def _mlp_bytes(cfg, moe_layer: bool, policy: str, t: int, beta: int, moe_impl: str) -> float:
+def moe_rows_per_token(cfg, tokens: float | None = None, expert: int = 1) -> float:
+    """Expert-FFN rows computed per routed token under `cfg.moe.impl` (what the f-sized activations scale with).
+
+    dense: E (every expert on every token). capacity: capacity_factor·k (the [E, C] buffer, C = ceil(cf·n·k/E)).
+    dropless: k plus the block padding E·(block−1)/n (model.dispatch.block_size at n = `tokens` per device;
+    k when `tokens` is unknown); under expert parallelism (`expert` > 1) dropless uses exact per-device buffers
+    of C = n slots per expert, i.e. E rows per token (model/expert_parallel.py).
+    """
+    m = cfg.moe
+    k, e = m.experts_per_token, m.n_routed_experts
+    if m.impl == "dense":
+        return float(e)
+    if m.impl == "capacity":
+        if tokens:
+            return min(e * m.capacity(max(1, int(tokens))) / tokens, float(e))
+        return min(m.capacity_factor * k, float(e))
+    if expert > 1:
+        return float(e)
+    if not tokens:
+        return float(k)
+    from model.dispatch import block_rows, block_size
+    pairs = int(tokens) * k
+    return block_rows(pairs, e, block_size(pairs, e)) / tokens
+
+
+def _mlp_bytes(cfg, moe_layer: bool, policy: str, t: int, beta: int, rows: float, expert: int) -> float:
     d = cfg.d_model
     if not moe_layer:
         f = cfg.mlp_dim
         return beta * (2 * d + 4 * f / t) if policy == "none" else beta * (d + 2 * f / t)
     m = cfg.moe
     k, e, s, fe = m.experts_per_token, m.n_routed_experts, m.n_shared_experts, m.mlp_dim
-    routed = k if moe_impl == "dispatch" else e
-    copies = k if moe_impl == "dispatch" else 1  # dense: x enters once, the expert sum is inside the matmul
+    if m.impl == "dense":
+        copies = 1  # x enters once, the expert sum is inside the matmul
+    else:  # gathered rows in, expert rows out, the k rows gathered to combine; + send/receive buffers with EP
+        copies = 2 * rows + k + (2 * rows if expert > 1 else 0)
     if policy == "none":
-        return beta * (2 * d + 2 * copies * d + (routed + s) * 4 * fe / t) + 8 * e
-    return beta * ((copies + 1) * d + (routed + s) * 2 * fe / t) + 4 * e
+        return beta * (2 * d + copies * d + (rows + s) * 4 * fe / t) + 8 * e
+    return beta * ((rows + 1) * d + (rows + s) * 2 * fe / t) + 4 * e
 
 
-def layer_activation_bytes(cfg, moe_layer: bool, policy: str, tensor: int = 1, moe_impl: str = "dispatch") -> float:
-    """Bytes kept per token for one decoder layer under remat `policy` (see the module docstring)."""
+def layer_activation_bytes(cfg, moe_layer: bool, policy: str, tensor: int = 1, tokens: float | None = None,
+                           expert: int = 1) -> float:
+    """Bytes kept per token for one decoder layer under remat `policy` (see experiments/plan.py's docstring).
+
+    tokens: tokens per device per micro-step (sizes the MoE buffers); expert: the expert-parallel axis size.
+    """
     beta = BYTES[cfg.compute_dtype]
     if policy == "block":
         return float(beta * cfg.d_model)
-    return _attn_bytes(cfg, policy, tensor, beta) + _mlp_bytes(cfg, moe_layer, policy, tensor, beta, moe_impl)
+    rows = moe_rows_per_token(cfg, tokens, expert) if cfg.moe is not None else 0.0
+    return _attn_bytes(cfg, policy, tensor, beta) + _mlp_bytes(cfg, moe_layer, policy, tensor, beta, rows, expert)
 
 
-def activation_bytes_per_token(cfg, tensor: int = 1, moe_impl: str = "dispatch") -> dict[str, float]:
+def activation_bytes_per_token(cfg, tensor: int = 1, tokens: float | None = None,
+                               expert: int = 1) -> dict[str, float]:
     """{'layers', 'recompute_peak', 'head', 'mtp', 'total'}: activation bytes per token held by a device."""
     policy = cfg.remat
     beta = BYTES[cfg.compute_dtype]
     kinds = list(cfg.is_moe_layer)
-    layers = sum(layer_activation_bytes(cfg, m, policy, tensor, moe_impl) for m in kinds)
+    kw = {"tokens": tokens, "expert": expert}
+    layers = sum(layer_activation_bytes(cfg, m, policy, tensor, **kw) for m in kinds)
     mtp_moe = cfg.moe is not None and cfg.n_layers >= cfg.moe.first_k_dense
     peak = 0.0
     if policy == "block":  # during the backward one block is recomputed in full
-        peak = max(layer_activation_bytes(cfg, m, "none", tensor, moe_impl) for m in kinds + [mtp_moe][:cfg.mtp_depth])
+        peak = max(layer_activation_bytes(cfg, m, "none", tensor, **kw) for m in kinds + [mtp_moe][:cfg.mtp_depth])
     head = beta * 2 * cfg.d_model + 4 * cfg.vocab_size / tensor
-    mtp = cfg.mtp_depth * (beta * 7 * cfg.d_model + layer_activation_bytes(cfg, mtp_moe, policy, tensor, moe_impl)
+    mtp = cfg.mtp_depth * (beta * 7 * cfg.d_model + layer_activation_bytes(cfg, mtp_moe, policy, tensor, **kw)
                            + head)
     return {"layers": layers, "recompute_peak": peak, "head": head, "mtp": mtp,
             "total": layers + peak + head + mtp}

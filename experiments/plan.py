@@ -36,19 +36,22 @@ axes; a -1 axis takes the rest):
                                     (norm in/out, MLA latents pre/post norm, q and the attention output of H
                                     heads, k and v of H_kv heads (H for MLA), fp32 log-sum-exp)
                      dense MLP  β·(2d + 4f/t)                     (norm in/out, gate, up, silu(gate), product)
-                     MoE        β·(2d + 2k·d + (k+s)·4f_e/t) + 8E (k routed copies in and out, per-expert
-                                    gate/up/silu/product, shared experts s, fp32 router logits and scores)
+                     MoE        β·(2d + c·d + (r+s)·4f_e/t) + 8E  (r expert rows per token, c row copies:
+                                    gathered in, expert out, k gathered to combine, + send/receive buffers under
+                                    expert parallelism; per-row gate/up/silu/product, shared experts s, fp32
+                                    router logits and scores)
       remat='dots'   the layer input plus matmul outputs only (jax.checkpoint_policies.dots_saveable):
                      attention  β·(2d + [MLA: q_lora + kv_lora + rope]) + β·[MLA: H·(d_qk + d_nope + d_v) |
                                     GQA: (H + 2·H_kv)·hd]/t   (layer input, o_proj output, projection outputs)
-                     dense MLP  β·(d + 2f/t);  MoE  β·((k+1)·d + (k+s)·2f_e/t) + 4E
+                     dense MLP  β·(d + 2f/t);  MoE  β·((r+1)·d + (r+s)·2f_e/t) + 4E
       remat='block'  β·d per layer (its input), plus one layer's 'none' activations live during its recompute.
 
   plus, outside the remat region, the head: β·2d + 4·V/t (fp32 logits kept for the cross-entropy backward),
-  and per MTP depth: β·7d + one block under the same policy + the same head. `moe_impl='dense'` replaces k
-  by E in the per-expert terms (and x enters once): that is what `model.moe` computes today (every expert on
-  every token), as against V3's top-k dispatch ('dispatch', the default). Not counted: XLA temporaries,
-  collectives' buffers, fragmentation — keep headroom.
+  and per MTP depth: β·7d + one block under the same policy + the same head. The MoE rows per token r come
+  from the config's `moe.impl` and `moe.capacity_factor` (`experiments.memory.moe_rows_per_token`): E for
+  'dense' (c = 1: x enters once), capacity_factor·k for 'capacity', k plus block padding for 'dropless' (E
+  under expert parallelism, whose exact buffers hold n slots per expert). Not counted: XLA temporaries,
+  fragmentation — keep headroom.
 - KV cache for decoding `decode_batch` sequences of `decode_len` tokens: per token per layer MLA caches
   kv_lora + rope numbers (the normalised latent and the shared RoPE key), GQA caches 2·kv_heads·head_dim,
   in the compute dtype. MTP modules are not cached (dropped at inference). Per device: the decode batch split
@@ -65,6 +68,7 @@ reproduce H GPU-hours at that peak.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 
@@ -134,7 +138,7 @@ def gpu_hours(flops_per_tok: float, tokens: float, mfu: float, gpu_flops: float)
 def plan(exp, tokens: float | None = None, *, mfu: float = DEFAULT_MFU, gpu_flops: float = DEFAULT_GPU_FLOPS,
          gpu_mem_gib: float = DEFAULT_GPU_MEM_GIB, seq: int | None = None, batch_tokens: int | None = None,
          devices: int | None = None, decode_batch: int = 1, decode_len: int | None = None, rules: dict | None = None,
-         moment_bytes: int = 4, master_fp32: bool | None = None, moe_impl: str = "dispatch",
+         moment_bytes: int = 4, master_fp32: bool | None = None,
          reference: dict | None = None) -> dict:
     """The planner's figures for an Experiment, as a dict (see the module docstring for every formula).
 
@@ -145,8 +149,6 @@ def plan(exp, tokens: float | None = None, *, mfu: float = DEFAULT_MFU, gpu_flop
     from model.budget import count_params, flops_per_token
     from sharding.rules import DEFAULT_RULES
 
-    if moe_impl not in ("dispatch", "dense"):
-        raise ValueError(f"moe_impl: must be 'dispatch' or 'dense', got {moe_impl!r}")
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu: must be in (0, 1], got {mfu}")
     rules = DEFAULT_RULES if rules is None else rules
@@ -182,14 +184,17 @@ def plan(exp, tokens: float | None = None, *, mfu: float = DEFAULT_MFU, gpu_flop
         notes.append(f"global batch {batch_seqs:g} sequences / {micro} micro-batches does not divide over the "
                      f"batch-parallel size {batch_par}: {micro_batch:.3g} sequences per device per micro-step")
     tensor = sizes.get("tensor", 1)
-    act = activation_bytes_per_token(cfg, tensor, moe_impl)
     tokens_dev = micro_batch * seq
+    ep = sizes.get("expert", 1)
+    act = activation_bytes_per_token(cfg, tensor, tokens_dev, ep)
     a_bytes = act["total"] * tokens_dev
     total = p_bytes + o_bytes + g_bytes + a_bytes
     mem_cap = gpu_mem_gib * GIB
     dense_moe = None
-    if cfg.moe is not None and moe_impl == "dispatch":
-        dense_moe = activation_bytes_per_token(cfg, tensor, "dense")["total"] * tokens_dev
+    moe_impl = cfg.moe.impl if cfg.moe is not None else None
+    if cfg.moe is not None and moe_impl != "dense":
+        dense_cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, impl="dense"))
+        dense_moe = activation_bytes_per_token(dense_cfg, tensor, tokens_dev, ep)["total"] * tokens_dev
 
     # KV cache
     decode_len = decode_len or seq
@@ -281,13 +286,13 @@ def format_plan(p: dict) -> str:
         f"  gradients   {_gib(mem['gradients_bytes'])}",
         (f"  activations {_gib(mem['activations_bytes'])}   ({act['total'] / 1024:.1f} KiB/token: layers "
          f"{act['layers'] / 1024:.1f}, recompute {act['recompute_peak'] / 1024:.1f}, head {act['head'] / 1024:.1f}, "
-         f"MTP {act['mtp'] / 1024:.1f}; MoE as {mem['moe_impl']})"),
+         f"MTP {act['mtp'] / 1024:.1f}; MoE impl {mem['moe_impl']})"),
         f"  total       {_gib(mem['total_bytes'])}   of {_gib(mem['device_bytes']).strip()}: "
         + ("fits" if mem["fits"] else "DOES NOT FIT") + " (excl. XLA temporaries / comm buffers)",
     ]
     if mem["activations_dense_moe_bytes"] is not None:
-        lines.append(f"  note: model.moe runs every expert on every token; its activations would be "
-                     f"{_gib(mem['activations_dense_moe_bytes']).strip()} instead")
+        lines.append(f"  note: with model.moe.impl=dense (every expert on every token) the activations would be "
+                     f"{_gib(mem['activations_dense_moe_bytes']).strip()}")
     lines += [
         (f"KV cache (decode): {kv['bytes_per_token']:,} B/token over all layers; batch {kv['decode_batch']} x "
          f"{kv['decode_len']} tokens = {_gib(kv['total_bytes']).strip()} "
@@ -340,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="devices for a -1 mesh axis (default: product of the fixed axes)")
     ap.add_argument("--decode-batch", type=int, default=1, help="KV cache: sequences (default 1)")
     ap.add_argument("--decode-len", type=int, default=None, help="KV cache: tokens per sequence (default: seq)")
-    ap.add_argument("--moe-impl", choices=("dispatch", "dense"), default="dispatch",
-                    help="MoE activations: top-k dispatch (V3) or every expert on every token (model.moe today)")
     ap.add_argument("--moment-bytes", type=int, default=4, help="bytes per AdamW moment (default 4: fp32)")
     ap.add_argument("--no-master", action="store_true", help="no fp32 master copy of 16-bit parameters")
     ap.add_argument("--reference-gpu-hours", type=float, default=None,
@@ -359,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             reference.setdefault("source", "--reference-gpu-hours")
         p = plan(exp, args.tokens, mfu=args.mfu, gpu_flops=args.gpu_flops, gpu_mem_gib=args.gpu_mem_gib,
                  seq=args.seq, batch_tokens=args.batch_tokens and int(args.batch_tokens), devices=args.devices,
-                 decode_batch=args.decode_batch, decode_len=args.decode_len, moe_impl=args.moe_impl,
+                 decode_batch=args.decode_batch, decode_len=args.decode_len,
                  moment_bytes=args.moment_bytes, master_fp32=False if args.no_master else None,
                  reference=reference or None)
     except (OverrideError, ShardingError, ValueError, FileNotFoundError, AttributeError) as e:

@@ -11,9 +11,15 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from sharding.mesh import ShardingError
+
 
 class ConfigError(ValueError):
     """A configuration field has an invalid or unsupported value."""
+
+
+class ExpertAxisError(ConfigError, ShardingError):
+    """Routed experts that do not split evenly over the `expert` mesh axis (a config and a sharding error)."""
 
 
 def _check(ok: bool, name: str, msg: str) -> None:
@@ -22,6 +28,7 @@ def _check(ok: bool, name: str, msg: str) -> None:
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+MOE_IMPLS = ("dense", "capacity", "dropless")
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,14 @@ class MoEConfig:
     score_func: 'sigmoid' (V3) or 'softmax' (V2). The correction bias only affects which experts are selected;
     gate weights use the unbiased scores. `bias_update_rate` is γ of b_i += γ·sign(mean_load − load_i);
     `balance_loss_weight` is α of the sequence-wise balance loss.
+
+    impl: how routed experts run (model/dispatch.py; all share `model.moe.route`):
+      'dense'    every expert on every token, gated by zeros (the exact reference; cost grows with E);
+      'capacity' tokens sorted by expert into a static [E, C, d] buffer, C = ceil(capacity_factor·n·k/E);
+                 pairs past an expert's C are dropped (they add zero; the residual and shared experts still
+                 carry the token). capacity_factor >= E/k can drop nothing and equals 'dense';
+      'dropless' expert-sorted tokens in block-padded groups (MegaBlocks): exact for any routing, cost ~ n·k.
+    With an `expert` mesh axis > 1 both sparse impls dispatch over all-to-all (model/expert_parallel.py).
     """
 
     n_routed_experts: int = 16
@@ -106,8 +121,13 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 1e-3
     balance_loss_weight: float = 1e-4
+    impl: str = "dropless"
+    capacity_factor: float = 1.25
 
     def __post_init__(self):
+        _check(self.impl in MOE_IMPLS, "moe.impl", f"must be one of {', '.join(MOE_IMPLS)}, got {self.impl!r}")
+        _check(isinstance(self.capacity_factor, (int, float)) and not isinstance(self.capacity_factor, bool)
+               and self.capacity_factor > 0, "moe.capacity_factor", f"must be > 0, got {self.capacity_factor!r}")
         for name in ("n_routed_experts", "experts_per_token", "mlp_dim", "n_groups", "topk_groups"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"moe.{name}", f"must be a positive int, got {v!r}")
@@ -127,6 +147,22 @@ class MoEConfig:
             _check(per_group >= 2, "moe.n_groups", "group scores sum the top-2 experts of a group; need >= 2 per group")
         _check(self.bias_update_rate >= 0, "moe.bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
         _check(self.balance_loss_weight >= 0, "moe.balance_loss_weight", f"must be >= 0, got {self.balance_loss_weight}")
+
+    def capacity(self, tokens: int) -> int:
+        """Slots per expert for `tokens` routed tokens: C = ceil(capacity_factor·tokens·k / E), at most `tokens`
+        (an expert is chosen at most once per token, so `tokens` slots can never drop)."""
+        c = min(tokens, math.ceil(self.capacity_factor * tokens * self.experts_per_token / self.n_routed_experts))
+        _check(c > 0, "moe.capacity_factor",
+               f"capacity_factor={self.capacity_factor} x {tokens} tokens x k={self.experts_per_token} / "
+               f"E={self.n_routed_experts} rounds to {c} slots per expert; raise capacity_factor or the batch")
+        return c
+
+    def check_expert_axis(self, size: int) -> None:
+        """The routed experts must split evenly over an `expert` mesh axis of `size` devices."""
+        if self.n_routed_experts % size:
+            raise ExpertAxisError(f"moe.n_routed_experts: n_routed_experts={self.n_routed_experts}: size "
+                                  f"{self.n_routed_experts}, not divisible by mesh axes expert = {size} (each device "
+                                  f"holds n_routed_experts / expert whole experts)")
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ class Transformer(nnx.Module):
         if stats:
             aux["expert_load"] = jnp.stack([s["load"] for s in stats])
             aux["balance_loss"] = sum(s["balance_loss"] for s in stats) / len(stats)
+            aux["moe_dropped"] = jnp.stack([s["dropped"] for s in stats])
         if mtp_logits:
             aux["mtp_logits"] = jnp.stack(mtp_logits)
         new_cache = None
@@ -168,7 +169,8 @@ def forward(cfg: ModelConfig, params: nnx.State, tokens, positions=None, cache=N
     tokens int32 [batch, seq]; positions int32 [batch, seq] (default 0..seq-1, or continuing the cache;
     -1 marks padding); segment_ids int32 [batch, seq] for packed documents (no cache).
     Returns (logits float32 [batch, seq, vocab], cache or None, aux) where aux may hold
-    'expert_load' [n_moe_layers, E], 'balance_loss' [] (mean over MoE layers, unweighted) and
+    'expert_load' [n_moe_layers, E], 'balance_loss' [] (mean over MoE layers, unweighted),
+    'moe_dropped' [n_moe_layers] ((token, expert) pairs dropped by moe.impl='capacity'; 0 otherwise) and
     'mtp_logits' [mtp_depth, batch, seq, vocab] (depth k at position i predicts token i+k+1).
     """
     model = nnx.merge(graphdef(cfg), params)

@@ -105,6 +105,17 @@ def use_rules(mesh: Mesh, rules: dict = DEFAULT_RULES):
         _ctx.active = prev
 
 
+def active_rules():
+    """(mesh, rules) set by the innermost `use_rules`, or None (the model then runs without mesh collectives)."""
+    return getattr(_ctx, "active", None)
+
+
+def mesh_axes_of(logical: str, rules: dict, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that a logical axis maps to under `rules`, e.g. 'batch' -> ('data', 'expert')."""
+    entry = spec_for((logical,), rules, mesh)[0]
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def constrain(x, axes: tuple[str, ...]):
     """Sharding constraint by logical axes; a no-op when no rules are active (single device, no mesh)."""
     active = getattr(_ctx, "active", None)

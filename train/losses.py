@@ -40,7 +40,10 @@ def mtp_targets(batch, k):
 
 
 def lm_loss(cfg: ModelConfig, lcfg: LossConfig, params, batch, denominator, n_micro: int = 1):
-    """-> (total loss, parts dict, expert_load [n_moe, E] or None). All parts are already weighted.
+    """-> (total loss, parts dict, MoE stats or None). All parts are already weighted.
+
+    MoE stats: {'expert_load' [n_moe, E], 'moe_dropped' [n_moe]} (pair counts; train.step turns them into
+    fractions).
 
     Per-batch means (the balance loss) are divided by `n_micro` so micro-batch sums equal the big batch.
     """
@@ -62,4 +65,6 @@ def lm_loss(cfg: ModelConfig, lcfg: LossConfig, params, batch, denominator, n_mi
     if load is not None and cfg.moe.balance_loss_weight:
         parts["balance"] = cfg.moe.balance_loss_weight * aux["balance_loss"] / n_micro
     total = sum(parts.values())
+    if load is not None:
+        load = {"expert_load": load, "moe_dropped": aux["moe_dropped"]}
     return total, parts, load

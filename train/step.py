@@ -36,7 +36,8 @@ class Trainer:
 
     def __init__(self, cfg: ModelConfig, ocfg: OptimConfig, lcfg: LossConfig, mesh: Mesh, rules=DEFAULT_RULES,
                  loss_fn=None):
-        """loss_fn(params, batch, denominator, n_micro) -> (total, parts dict, expert_load or None);
+        """loss_fn(params, batch, denominator, n_micro) -> (total, parts dict, expert_load [n_moe, E] or None, or
+        {'expert_load', 'moe_dropped' [n_moe]});
         default: the language-model loss of train.losses (RL passes its policy loss here)."""
         self.cfg, self.ocfg, self.lcfg, self.mesh, self.rules = cfg, ocfg, lcfg, mesh, rules
         self.loss_fn = loss_fn or (lambda params, batch, den, n: lm_loss(cfg, lcfg, params, batch, den, n))
@@ -49,6 +50,8 @@ class Trainer:
 
     def _check_divisible(self):
         from model import abstract_params
+        if self.cfg.moe is not None and "expert" in self.mesh.shape:
+            self.cfg.moe.check_expert_axis(self.mesh.shape["expert"])  # ConfigError naming the field
         param_shardings(abstract_params(self.cfg), self.mesh, self.rules)  # raises ShardingError naming the dim
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -98,6 +101,9 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state["opt_state"], trainable)
         new_params = nnx.merge_state(optax.apply_updates(trainable, updates), rest)
         metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "tokens": denominator}
+        if isinstance(load, dict):  # lm_loss: loads and dropped-pair counts (summed over micro-batches)
+            metrics["moe_dropped"] = load["moe_dropped"] / jnp.sum(load["expert_load"], axis=-1)
+            load = load["expert_load"]
         if load is not None:
             new_params = update_router_bias(self.cfg, new_params, load)
             metrics["expert_load"] = load / jnp.sum(load, axis=-1, keepdims=True)
