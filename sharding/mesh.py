@@ -49,10 +49,33 @@ class MeshConfig:
         return sizes
 
 
+def describe_devices(devices) -> str:
+    """'8 devices (backend cpu, kind cpu, 1 process)': what a mesh error must name so that a CPU-only jax on a
+    GPU node (`pip install -e .` without the `cuda` extra) is recognisable from the message alone."""
+    kinds = sorted({getattr(d, "device_kind", "?") for d in devices}) or ["none"]
+    platforms = sorted({getattr(d, "platform", "?") for d in devices}) or [jax.default_backend()]
+    return (f"{len(devices)} devices (backend {'/'.join(platforms)}, device kind {'/'.join(kinds)}, "
+            f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''})")
+
+
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
-    """A Mesh over all (or the given) devices with Auto axis types (GSPMD partitions what is not annotated)."""
+    """A Mesh over all (or the given) devices with Auto axis types (GSPMD partitions what is not annotated).
+
+    A mesh that needs more (or other) devices than there are raises ShardingError naming the mesh sizes, the
+    device count, the backend and the device kind, e.g. 'mesh: ... = 64, but there are 8 devices (backend cpu,
+    device kind cpu, 8 processes)' -- the signature of a CPU-only jax install on GPU nodes.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = cfg.resolve(len(devices))
+    try:
+        sizes = cfg.resolve(len(devices))
+    except ShardingError as e:
+        hint = ""
+        if devices and all(getattr(d, "platform", "") == "cpu" for d in devices) and jax.process_count() > 1:
+            hint = "; on GPU nodes install the CUDA build: pip install -e '.[cuda]'"
+        msg = str(e).replace(f"{len(devices)} devices", describe_devices(devices), 1)
+        if msg == str(e):
+            msg += f" [{describe_devices(devices)}]"
+        raise ShardingError(msg + hint) from None
     shape = tuple(sizes[a] for a in AXES)
     try:
         arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
