@@ -146,7 +146,7 @@ def main(argv=None):
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     contended = max(r["others"] for r in rows) > 0.1
     (texts,), fields = reward_clock.last  # the last rollout's texts and per-completion fields (answers, ...)
-    from train.data import synthetic_example
+    from rl.tasks.arithmetic import synthetic_example
     gold = [synthetic_example(exp.prompts.seed, i) for i in range(len(texts))]
     gold_texts, gold_fields = [r["response"] for r in gold], {"answer": [r["answer"] for r in gold]}
 

@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 
 from experiments import r1_zero
 from experiments.config import RunConfig
+from experiments.config import EvalConfig
 from experiments.stages import (
-    EvalConfig,
     SFTConfig,
     TraceConfig,
     policy_traces,
     require_rl_run,
     sft,
     sft_experiment,
+    stage_eval,
 )
 from model.config import ModelConfig
 from train.config import OptimConfig
@@ -43,7 +44,7 @@ class DistillExperiment(RunConfig):
     sample: TraceConfig = field(default_factory=TraceConfig)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(
         steps=300, optim=OptimConfig(lr=3e-3, warmup_steps=10, schedule="cosine", final_lr_frac=0.1)))
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=stage_eval)  # r1_zero's evaluation, every field explicit
     run_dir: str = ""
     name: str = "distill"
     progress: bool = True
@@ -60,6 +61,6 @@ def main(exp: DistillExperiment) -> None:
     path = exp.traces or os.path.join(exp.directory, "traces.jsonl")
     if not os.path.exists(path):
         require_rl_run(exp.teacher, "teacher")
-    traces = policy_traces(exp.teacher, r1_zero.train_prompts(), exp.sample, path)
+    traces = policy_traces(exp.teacher, r1_zero.TASK.train_records(), exp.sample, path)
     sft(sft_experiment(exp.name, exp.student, exp.directory, exp.sft, progress=exp.progress,
                        tensorboard=exp.tensorboard), traces, exp.eval)

@@ -5,8 +5,9 @@
                                        [--template '...{prompt}...'] [--samples] [--out RUN_DIR/eval.json]
 
 RUN_DIR is a pretraining / SFT run (config.json of an `Experiment`: 'model' and 'data'; checkpoint state = the train
-state) or a GRPO run (config.json of an `RLExperiment`: 'model' and 'prompts'; checkpoint state =
-{'train': train state, 'ref': reference params (when β > 0)}). Problems: by default `rl.evaluate.held_out_problems`
+state) or a GRPO run (config.json of an `RLExperiment`: 'model', 'prompts', 'task'; checkpoint state =
+{'train': train state, 'ref': reference params (when β > 0)}). Problems and their scoring: the run's task
+(`rl/tasks/`; arithmetic when the config names none): for arithmetic `rl.tasks.held_out_problems`
 (synthetic arithmetic from a seed stream disjoint from training; `--exclude-seen` also drops every expression of the
 synthetic training sets the run (and its `init_from` base) drew from, ~13 s per 100k records); `--records` reads
 JSONL records with 'prompt' (or the config's prompt field), 'answer' and optionally 'difficulty'. Prompts are rendered
@@ -47,6 +48,18 @@ def model_config_from_dict(d: dict):
     d["mla"] = dataclass_from_dict(MLAConfig, d.get("mla"))
     d["moe"] = dataclass_from_dict(MoEConfig, d.get("moe"))
     return dataclass_from_dict(ModelConfig, d)
+
+
+def task_from_dict(d: dict | None):
+    """The task a run's config.json names ({'name', fields...}); runs saved without one are arithmetic's."""
+    from rl.tasks import TASKS, Arithmetic
+    if not d:
+        return Arithmetic()
+    d = dict(d)
+    name = d.pop("name", "arithmetic")
+    if name not in TASKS:
+        raise ValueError(f"task: unknown {name!r} in the run's config.json; known: {sorted(TASKS)}")
+    return dataclass_from_dict(TASKS[name], d)
 
 
 def read_run_config(run_dir: str) -> dict:
@@ -133,14 +146,15 @@ def run_sampling(saved: dict, temperature: float = 0.6, top_p: float = 0.95, max
 def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_tokens: int = 0,
                  temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, batch_size: int = 64,
                  max_prompt_len: int = 0, template: str | None = None, out: str = "", samples: bool = False,
-                 meta: dict | None = None) -> dict:
+                 meta: dict | None = None, task=None) -> dict:
     """Evaluate the newest checkpoint of a pretraining / SFT / GRPO run directory on `records` and write the metrics
     of `rl.evaluate.evaluate` plus run metadata to `out` (default RUN_DIR/eval.json); returns what it wrote.
 
     Prompts are rendered with the run's chat template unless `template` is given; `max_prompt_len` 0 uses the run's
     (GRPO) or the longest prompt; sampling is the run's own (`run_sampling`; `max_new_tokens` 0 keeps its length, or
     48 for a run that did not sample) with `jax.random.key(seed)`. `samples=True` also writes every completion to
-    eval_samples.jsonl beside `out`. `meta` adds fields to the 'eval' entry.
+    eval_samples.jsonl beside `out`. `meta` adds fields to the 'eval' entry. `task` (a `rl.tasks.Task` or name)
+    judges the samples; default: the task the run's config.json names (arithmetic for runs without one).
     """
     import jax
 
@@ -166,7 +180,8 @@ def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_token
     metrics = evaluate(model_cfg, params, tok, records, k=k, sampling=sampling,
                        max_prompt_len=max_prompt_len or saved.get("max_prompt_len") or None,
                        template=template, data_cfg=data_cfg if template is None else None,
-                       rng=jax.random.key(seed), batch_size=batch_size, mesh=mesh, details=samples)
+                       rng=jax.random.key(seed), batch_size=batch_size, mesh=mesh, details=samples,
+                       task=task if task is not None else task_from_dict(saved.get("task")))
     problems = metrics.pop("problems", None)
     result = {**metrics,
               "run_dir": run_dir, "checkpoint_step": step,
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="rows per generate call")
     p.add_argument("--max-prompt-len", type=int, default=0, help="0: the run's max_prompt_len, else the longest")
     p.add_argument("--exclude-seen", action="store_true", help="drop held-out problems found in training's sources")
-    p.add_argument("--records", default="", help="JSONL problems instead of synthetic arithmetic")
+    p.add_argument("--records", default="", help="JSONL problems instead of the run's task's held-out split")
     p.add_argument("--template", default=None, help="chat template with {prompt} (default: the run's)")
     p.add_argument("--samples", action="store_true", help="also write RUN_DIR/eval_samples.jsonl")
     p.add_argument("--out", default="", help="default RUN_DIR/eval.json")
@@ -203,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore step at INFO
 
-    from rl.evaluate import held_out_problems, seen_synthetic_prompts
+    from rl.tasks import Arithmetic, held_out_problems, seen_synthetic_prompts
 
     try:
         saved = read_run_config(args.run_dir)
@@ -215,13 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     for seed, size in seen:
         log.info("collecting the expressions of synthetic seed %d (%d records) to exclude", seed, size)
         exclude |= seen_synthetic_prompts(seed, size)
-    records = _read_jsonl(args.records)[:args.n] if args.records else held_out_problems(args.seed, args.n,
-                                                                                         exclude=exclude)
+    task = task_from_dict(saved.get("task"))
+    if args.records:
+        records = _read_jsonl(args.records)[:args.n]
+    elif isinstance(task, Arithmetic):
+        records = held_out_problems(args.seed, args.n, exclude=exclude)
+    else:
+        records = task.held_out(args.n)
     metrics = evaluate_run(args.run_dir, records, k=args.k, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                            batch_size=args.batch_size, max_prompt_len=args.max_prompt_len, template=args.template,
                            out=args.out, samples=args.samples,
-                           meta={"records": args.records or "synthetic_held_out",
+                           meta={"records": args.records or f"{task.name}_held_out",
                                  "excluded_seen_seeds": [s for s, _ in seen]})
     step, path = metrics["checkpoint_step"], args.out or os.path.join(args.run_dir, "eval.json")
     k = metrics["k"]

@@ -2,34 +2,39 @@
 
     python -m experiments.run experiments/grpo_arithmetic.py run_dir=runs/grpo steps=30
 
-Stage 1 (skipped when `init_from` names a base, reused when run_dir/base already holds a finished one):
+Stage 1, `base` (skipped when `init_from` names a base, reused when run_dir/base already holds a finished one):
 SFT of a tiny MLA + MoE + MTP model on synthetic problems answered as
 `<think>7*3=21, 12+21=33</think> <answer>33</answer>`, so that sampling has pass@k > 0 and the format.
 Stage 2: GRPO, G = 8 samples for each of 8 prompts a step, format + accuracy rewards (equal weights),
 Dr.GRPO-style constant normaliser, clip-higher (0.2 / 0.28), k3 KL β = 0.01 to a reference reset every
 20 steps, 48 new tokens at temperature 1. Metrics per step in run_dir/metrics.jsonl; curves in
-run_dir/curves.png.
+run_dir/curves.png. Task: arithmetic (rl/tasks/arithmetic.py; `accuracy` is its integer match).
 """
-
-import dataclasses
-import os
 
 from experiments.config import CheckpointConfig, Experiment, RLExperiment
 from model.config import tiny_deepseek
 from rl.grpo import GRPOConfig
 from rl.rollout import Sampling
+from rl.tasks import Arithmetic
 from sharding.mesh import MeshConfig
 from train.config import OptimConfig
 from train.data import DataConfig
 
-TEMPLATE = "User: {prompt}\nAssistant:"
-BASE_STEPS = 150
+TEMPLATE = Arithmetic.template
 
 
 def config() -> RLExperiment:
+    model = tiny_deepseek(vocab_size=512, max_seq_len=256)
     return RLExperiment(
         name="grpo_arithmetic",
-        model=tiny_deepseek(vocab_size=512, max_seq_len=256),
+        model=model,
+        task=Arithmetic(),
+        base=Experiment(  # SFT that gives the base its answer format
+            name="grpo_arithmetic_base", model=model, steps=150, batch_size=16,
+            data=DataConfig(kind="sft", source="synthetic", tokenizer="byte", seq_len=128, chat_template=TEMPLATE),
+            mesh=MeshConfig(data=-1), optim=OptimConfig(lr=3e-3, warmup_steps=10, schedule="cosine",
+                                                        final_lr_frac=0.1),
+            checkpoint=CheckpointConfig(every=50, keep=1)),
         prompts=DataConfig(kind="prompts", source="synthetic", tokenizer="byte", chat_template=TEMPLATE, seed=1),
         grpo=GRPOConfig(num_generations=8, prompts_per_step=8,
                         sampling=Sampling(temperature=1.0, max_new_tokens=48),
@@ -38,26 +43,5 @@ def config() -> RLExperiment:
         mesh=MeshConfig(data=-1),
         optim=OptimConfig(lr=5e-5, warmup_steps=5, schedule="constant", weight_decay=0.0),
         checkpoint=CheckpointConfig(every=10, keep=2),
-        rewards=("format", "accuracy"), reward_weights=(1.0, 1.0),
         max_prompt_len=48, steps=30,
     )
-
-
-def base_experiment(exp: RLExperiment, run_dir: str) -> Experiment:
-    """The SFT stage that gives the base its answer format."""
-    return Experiment(
-        name="grpo_arithmetic_base", model=exp.model, run_dir=run_dir, steps=BASE_STEPS, batch_size=16,
-        data=DataConfig(kind="sft", source="synthetic", tokenizer="byte", seq_len=128, chat_template=TEMPLATE),
-        mesh=exp.mesh, optim=OptimConfig(lr=3e-3, warmup_steps=10, schedule="cosine", final_lr_frac=0.1),
-        checkpoint=CheckpointConfig(every=50, keep=1), tensorboard=exp.tensorboard, progress=exp.progress)
-
-
-def main(exp: RLExperiment) -> None:
-    from rl.loop import grpo
-    from train.loop import pretrain
-
-    if not exp.init_from:
-        base_dir = os.path.join(exp.directory, "base")
-        pretrain(base_experiment(exp, base_dir))  # resumes, or returns at once if already finished
-        exp = dataclasses.replace(exp, init_from=base_dir)
-    grpo(exp)

@@ -12,10 +12,10 @@ Stages, each a separate experiment file run here with its run_dir under run_dir:
     distill/        a dense student, random init, SFT on the same traces (eval.json)
     results.md      one row per stage (pass@1, pass@k, maj@k, think usage, response length, wall time) and
                     pass@1 by chain length; rl_curves.png: both RL runs' reward, accuracy, length, KL, entropy
-Every stage is scored on the same first `eval_problems` held-out problems with `eval_k` samples each, sampled as
-rl.loop.grpo samples its own evaluation of `zero`; the pipeline's progress / tensorboard apply to every stage. Stage
-sizes are the nested configs' fields (zero.steps, r1.cold_start.steps, r1.rl.steps, rejection.sample.prompts,
-rejection.sft.steps, distill.sft.steps, distill.student.d_model, ...); the base's length is r1_zero's. A stage whose
+Every stage is scored on the same first `zero.eval.problems` held-out problems with `zero.eval.k` samples each,
+sampled as rl.loop.grpo samples its own evaluation of `zero`; the pipeline's progress / tensorboard apply to every
+stage. Stage sizes are the nested configs' fields (zero.base.steps, zero.steps, r1.cold_start.steps, r1.rl.steps,
+rejection.sample.prompts, rejection.sft.steps, distill.sft.steps, distill.student.d_model, ...). A stage whose
 final eval file exists is skipped (delete it to redo the stage); an interrupted stage resumes from its checkpoint.
 
 Measured on 2 idle CPU cores (2026-11-28, default sizes, docs/results/): base 391 s, R1-Zero 202 s, R1 (cold
@@ -35,7 +35,7 @@ from experiments.config import RLExperiment, RunConfig
 from experiments.distill import DistillExperiment
 from experiments.r1 import R1Experiment
 from experiments.rejection_sft import RejectionSFTExperiment
-from experiments.stages import EvalConfig, held_out, shared_base
+from experiments.stages import shared_base, stage_eval
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ class PipelineExperiment(RunConfig):
     r1: R1Experiment = field(default_factory=r1.config)
     rejection: RejectionSFTExperiment = field(default_factory=rejection_sft.config)
     distill: DistillExperiment = field(default_factory=distill.config)
-    eval_problems: int = r1_zero.EVAL_PROBLEMS
-    eval_k: int = r1_zero.EVAL_K
     base_dir: str = ""  # default run_dir/base
     run_dir: str = ""
     name: str = "pipeline"
@@ -78,15 +76,15 @@ def main(exp: PipelineExperiment) -> None:
     base = exp.base_dir or os.path.join(root, "base")
     run = {"progress": exp.progress, "tensorboard": exp.tensorboard}
     zero = rep(exp.zero, run_dir=os.path.join(root, "r1_zero"), init_from=base, **run)
-    ev = EvalConfig.like_grpo(zero, exp.eval_problems, exp.eval_k)
+    ev = stage_eval(zero)
     dirs = {s: os.path.join(root, s) for s in ("r1", "rejection_sft", "distill")}
     traces = os.path.join(dirs["rejection_sft"], "traces.jsonl")
     stages = {
         "base": (None, lambda: shared_base(zero, base)),
-        "r1_zero": ("r1_zero/eval_end.json", lambda: grpo(zero, records=r1_zero.train_prompts(),
-                                                          eval_records=held_out(ev), eval_k=ev.k)),
-        "r1": ("r1/eval_end.json", lambda: r1.main(rep(exp.r1, rl=rep(exp.r1.rl, model=zero.model, **run),
-                                                       run_dir=dirs["r1"], base_dir=base, eval=ev))),
+        "r1_zero": ("r1_zero/eval_end.json", lambda: grpo(zero)),
+        "r1": ("r1/eval_end.json", lambda: r1.main(rep(exp.r1, rl=rep(exp.r1.rl, model=zero.model, eval=zero.eval,
+                                                                      **run),
+                                                       run_dir=dirs["r1"], base_dir=base))),
         "rejection_sft": ("rejection_sft/eval.json", lambda: rejection_sft.main(rep(
             exp.rejection, init_from=dirs["r1"], base_dir=base, run_dir=dirs["rejection_sft"], eval=ev, **run))),
         "distill": ("distill/eval.json", lambda: distill.main(rep(

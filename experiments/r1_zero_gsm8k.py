@@ -1,7 +1,7 @@
 """R1-Zero at cluster scale: GRPO with rule rewards only, from a Qwen2.5 base checkpoint, on GSM8K.
 
     python -m experiments.run experiments/r1_zero_gsm8k.py init_from=/ckpt/Qwen2.5-1.5B \\
-        prompts.path=/data/gsm8k/train.parquet eval_path=/data/gsm8k/test.parquet run_dir=/shared/runs/r1z_gsm8k
+        prompts.path=/data/gsm8k/train.parquet task.eval_path=/data/gsm8k/test.parquet run_dir=/shared/runs/r1z_gsm8k
 
 Inputs (all local: a cluster node usually cannot reach the Hub; download beforehand, e.g.
 `huggingface-cli download Qwen/Qwen2.5-1.5B --local-dir /ckpt/Qwen2.5-1.5B` and the `openai/gsm8k` `main`
@@ -16,16 +16,16 @@ split files):
 - `prompts.path`: GSM8K's train split, Parquet (as on the Hub) or JSONL (`{"question", "answer"}` per line),
   a file or a directory of such files. The file type follows the extension (.parquet/.arrow or .jsonl/.json);
   a directory is read as `prompts.source`. GSM8K's 'answer' is a worked solution ending in `#### 72`;
-  `gsm8k_gold` reduces it to the final number ('1,234' -> '1234') and a row without one is an error naming it.
-- `eval_path`: the held-out split (GSM8K test), evaluated before the first and after the last step into
-  run_dir/eval_start.json and eval_end.json (pass@1 averaged over `eval_k` = 4 samples at T = 0.6, top-p 0.95,
-  unbiased pass@k, maj@k, response length, think usage): 1,319 × 4 generations each time. `eval_problems=N`
-  keeps the first N rows (0: all); `eval_k=16` tightens pass@1; `eval_path=` (empty) skips evaluation. A
-  held-out answer is judged by math-verify, as in training (rl.loop uses the run's math_verify reward when it
-  has one).
+  `rl.tasks.gsm8k_gold` reduces it to the final number ('1,234' -> '1234'); a row without one is an error naming it.
+- `task.eval_path`: the held-out split (GSM8K test), evaluated before the first and after the last step into
+  run_dir/eval_start.json and eval_end.json (pass@1 averaged over `eval.k` = 4 samples at T = 0.6, top-p 0.95,
+  unbiased pass@k, maj@k, response length, think usage): 1,319 × 4 generations each time. `eval.problems=N`
+  keeps the first N rows (0 skips evaluation); `eval.k=16` tightens pass@1. A held-out answer is judged by the
+  task's correctness, math-verify, as in training; maj@k votes by numeric value (rl/tasks/gsm8k.py).
 
 Recipe (DeepSeek-R1 §2.2, with Dr.GRPO's unbiased objective; documented choices):
-- R1's full template (rl.tasks.R1_TEMPLATE): the tags are asked for only there and taught by the format reward.
+- R1's full template (the task's, rl.tasks.R1_TEMPLATE): the tags are asked for only there and taught by the format
+  reward.
 - Rewards: format (exactly `<think>…</think> <answer>…</answer>`) + math-verify accuracy of the last <answer>
   against the gold number, equal weights, as R1-Zero (no neural reward model).
 - G = 8 samples for each of 64 prompts a step (512 rollouts), up to 1,024 new tokens at temperature 1,
@@ -45,7 +45,7 @@ node. The rollout batch (prompts_per_step × G) and each mini-batch must divide 
 
     #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8
     srun python -m experiments.run experiments/r1_zero_gsm8k.py init_from=/ckpt/Qwen2.5-1.5B \\
-        prompts.path=/data/gsm8k/train.parquet eval_path=/data/gsm8k/test.parquet \\
+        prompts.path=/data/gsm8k/train.parquet task.eval_path=/data/gsm8k/test.parquet \\
         run_dir=/shared/runs/r1z_gsm8k mesh.data=2 mesh.fsdp=8
 
 Runs resume from the newest checkpoint in run_dir (the same command again); eval_start.json is written only
@@ -56,14 +56,12 @@ by a fresh run. Memory levers: `grpo.mini_batches` (rollouts per optimizer step)
 import dataclasses
 import json
 import os
-import re
-from dataclasses import dataclass
 
-from experiments.config import CheckpointConfig, RLExperiment
+from experiments.config import CheckpointConfig, EvalConfig, RLExperiment
 from model.config import ModelConfig, qwen2_5_0_5b
 from rl.grpo import GRPOConfig
 from rl.rollout import Sampling
-from rl.tasks import R1_TEMPLATE
+from rl.tasks import GSM8K
 from sharding.mesh import MeshConfig
 from train.config import OptimConfig
 from train.data import DataConfig
@@ -72,29 +70,16 @@ from train.data import DataConfig
 TOKENIZER_FROM_CHECKPOINT = "init_from"
 
 
-@dataclass(frozen=True)
-class GSM8KExperiment(RLExperiment):
-    """RLExperiment plus the held-out file (settable from the command line like any field)."""
-
-    eval_path: str = "data/gsm8k/test.parquet"  # '' skips the start/end evaluation
-    eval_k: int = 4  # samples per held-out problem (pass@1 is averaged over them; pass@k, maj@k)
-    eval_problems: int = 0  # first N rows of eval_path; 0 = all
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.eval_k < 1:
-            raise ValueError(f"eval_k: must be >= 1, got {self.eval_k}")
-        if self.eval_problems < 0:
-            raise ValueError(f"eval_problems: must be >= 0, got {self.eval_problems}")
-
-
-def config() -> GSM8KExperiment:
-    return GSM8KExperiment(
+def config() -> RLExperiment:
+    return RLExperiment(
         name="r1_zero_gsm8k",
         # placeholder of the right family and size class: main() replaces the architecture with the checkpoint's
         model=qwen2_5_0_5b().replace(compute_dtype="bfloat16", param_dtype="float32", remat="block"),
+        task=GSM8K(eval_path="data/gsm8k/test.parquet"),
+        eval=EvalConfig(problems=1319, k=4),  # GSM8K's whole test split
         prompts=DataConfig(kind="prompts", source="parquet", path="data/gsm8k/train.parquet",
-                           prompt_field="question", tokenizer=TOKENIZER_FROM_CHECKPOINT, chat_template=R1_TEMPLATE),
+                           prompt_field=GSM8K.prompt_field, tokenizer=TOKENIZER_FROM_CHECKPOINT,
+                           chat_template=GSM8K.template),
         grpo=GRPOConfig(num_generations=8, prompts_per_step=64,
                         sampling=Sampling(temperature=1.0, top_p=1.0, max_new_tokens=1024),
                         advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm", epsilon_low=0.2,
@@ -102,55 +87,9 @@ def config() -> GSM8KExperiment:
         mesh=MeshConfig(data=1, fsdp=-1),
         optim=OptimConfig(lr=1e-6, warmup_steps=10, schedule="constant", weight_decay=0.0, clip_norm=1.0),
         checkpoint=CheckpointConfig(every=25, keep=2),
-        rewards=("format", "math_verify"), reward_weights=(1.0, 1.0),
         max_prompt_len=384,  # R1's template (~95 Qwen tokens) + GSM8K's longest questions (~200 tokens)
         steps=300,
     )
-
-
-# ---- GSM8K records ------------------------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
-
-
-def gsm8k_gold(answer: str) -> str:
-    """The final number of a GSM8K solution: the text after its last '####', without thousands separators, a
-    leading '$' or a trailing '.' ('... #### 1,234' -> '1234', '#### -5' -> '-5'). A solution that is already a
-    bare number is returned normalised the same way. Anything else raises ValueError (TypeError if not a str)."""
-    if not isinstance(answer, str):
-        raise TypeError(f"GSM8K answer must be a string, got {type(answer).__name__}")
-    tail = answer.rsplit("####", 1)[-1]
-    gold = tail.strip().replace(",", "").removeprefix("$").removesuffix(".").strip()
-    if not _NUMBER.fullmatch(gold):
-        what = "has no final '#### <number>'" if "####" not in answer else f"ends in '#### {tail.strip()[:40]}'"
-        raise ValueError(f"GSM8K answer {what}, not a number: {answer[-80:]!r}")
-    return gold.removeprefix("+")
-
-
-def _source_of(path: str, fallback: str) -> str:
-    """'jsonl' / 'parquet' from a file's extension; a directory (or other name) keeps `fallback`."""
-    ext = os.path.splitext(path)[1].lower()
-    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "parquet"}.get(ext, fallback)
-
-
-def gsm8k_records(cfg: DataConfig, path: str, limit: int = 0) -> list[dict]:
-    """Rows of a GSM8K file as {prompt_field: question, 'answer': gold number}; the first `limit` if > 0."""
-    from train.data import load_records
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"GSM8K file {path!r} does not exist")
-    src = dataclasses.replace(cfg, source=_source_of(path, cfg.source), path=path)
-    rows = load_records(src)
-    n = len(rows) if limit <= 0 else min(limit, len(rows))
-    out = []
-    for i in range(n):
-        row = rows[i]
-        try:
-            gold = gsm8k_gold(row["answer"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: row {i}: {e}") from None
-        out.append({cfg.prompt_field: row[cfg.prompt_field], "answer": gold})
-    return out
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
@@ -169,7 +108,7 @@ def model_from_checkpoint(path: str, like: ModelConfig) -> ModelConfig:
     return cfg.replace(remat=like.remat)
 
 
-def resolve(exp: GSM8KExperiment) -> GSM8KExperiment:
+def resolve(exp: RLExperiment) -> RLExperiment:
     """The experiment as it runs: the checkpoint's architecture and tokenizer, prompts handed over in memory
     (`prompts.path` is kept in config.json as the record of where they came from)."""
     if not exp.init_from:
@@ -180,10 +119,9 @@ def resolve(exp: GSM8KExperiment) -> GSM8KExperiment:
                                prompts=dataclasses.replace(p, source="memory", tokenizer=tokenizer))
 
 
-def main(exp: GSM8KExperiment) -> dict:
+def main(exp: RLExperiment) -> dict:
+    """Resolve the checkpoint's architecture and tokenizer, then GRPO on GSM8K (train rows from prompts.path,
+    held-out rows from task.eval_path)."""
     from rl.loop import grpo
 
-    run = resolve(exp)
-    train = gsm8k_records(exp.prompts, exp.prompts.path)
-    held_out = gsm8k_records(exp.prompts, exp.eval_path, exp.eval_problems) if exp.eval_path else None
-    return grpo(run, records=train, eval_records=held_out, eval_k=exp.eval_k)
+    return grpo(resolve(exp))  # the task reads prompts.path itself (source 'memory' keeps the path)

@@ -4,8 +4,8 @@
 
 Rejection sampling: the RL policy (`init_from`, a GRPO run directory: its newest checkpoint's policy) samples
 `sample.k` completions at T 0.6 / top-p 0.95 for each of the first `sample.prompts` RL training prompts
-(r1_zero.train_prompts()); a completion is kept when the accuracy reward and the format reward both give 1, at most
-`sample.max_per_problem` distinct ones per prompt (rl.traces.verified_traces) -> run_dir/traces.jsonl.
+(r1_zero.TASK.train_records()); a completion is kept when the task scores it correct and the format reward gives 1,
+at most `sample.max_per_problem` distinct ones per prompt (rl.traces.verified_traces) -> run_dir/traces.jsonl.
 SFT: the BASE model (`base_dir`; default the base that `init_from` descends from through its init_from chain) is
 fine-tuned on those traces for `sft.steps` (response tokens only), then evaluated on the held-out set ->
 run_dir/eval.json. R1 trains V3-Base for 2 epochs on ~600k such reasoning samples plus ~200k non-reasoning ones;
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from experiments import r1_zero
 from experiments.config import RunConfig
+from experiments.config import EvalConfig
 from experiments.stages import (
-    EvalConfig,
     SFTConfig,
     TraceConfig,
     policy_traces,
@@ -27,6 +27,7 @@ from experiments.stages import (
     run_model,
     sft,
     sft_experiment,
+    stage_eval,
 )
 
 
@@ -36,7 +37,7 @@ class RejectionSFTExperiment(RunConfig):
     base_dir: str = ""  # the model to fine-tune; default: root of init_from's init_from chain
     sample: TraceConfig = field(default_factory=TraceConfig)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=40))
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=stage_eval)  # r1_zero's evaluation, every field explicit
     run_dir: str = ""
     name: str = "rejection_sft"
     progress: bool = True
@@ -50,6 +51,7 @@ def config() -> RejectionSFTExperiment:
 def main(exp: RejectionSFTExperiment) -> None:
     policy = require_rl_run(exp.init_from, "init_from")
     base = exp.base_dir or root_base(policy)
-    traces = policy_traces(policy, r1_zero.train_prompts(), exp.sample, os.path.join(exp.directory, "traces.jsonl"))
+    traces = policy_traces(policy, r1_zero.TASK.train_records(), exp.sample,
+                           os.path.join(exp.directory, "traces.jsonl"))
     sft(sft_experiment(exp.name, run_model(base), exp.directory, exp.sft, init_from=base, progress=exp.progress,
                        tensorboard=exp.tensorboard), traces, exp.eval)

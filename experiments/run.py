@@ -2,9 +2,10 @@
 
     python -m experiments.run experiments/tiny_pretrain.py run_dir=/tmp/r steps=200 mesh.data=2 optim.lr=1e-3
 
-A run_dir that holds a checkpoint resumes from it. The file's `config()` decides what runs: an `Experiment`
-pretrains / fine-tunes, an `RLExperiment` runs GRPO; a file that also defines `main(exp)` (a multi-stage pipeline)
-runs that instead. A multi-host job joins `jax.distributed` here, once per process (SLURM, or R1JAX_COORDINATOR /
+A run_dir that holds a checkpoint resumes from it. The type of the file's `config()` decides what runs: an
+`Experiment` pretrains / fine-tunes; an `RLExperiment` runs its base stage (when it has one and no init_from) and
+then GRPO on its task. A file that defines `main(exp)` runs that instead: a multi-stage pipeline (its config is
+its own dataclass), or a run that must resolve something first (r1_zero_gsm8k: the checkpoint's architecture). A multi-host job joins `jax.distributed` here, once per process (SLURM, or R1JAX_COORDINATOR /
 R1JAX_NUM_PROCESSES / R1JAX_PROCESS_ID). Errors a user can fix (a config field, a mesh that does not fit the
 devices, a missing file, an incompatible checkpoint) print as one line; `verbose=true` shows the traceback and
 third-party INFO logging (orbax, absl, jax), which is otherwise off.
@@ -58,7 +59,7 @@ def _user_errors() -> tuple:
 
 def run(module, exp) -> None:
     """Dispatch on what the experiment file defines (see the module docstring)."""
-    from experiments.config import RLExperiment
+    from experiments.config import Experiment, RLExperiment
     from train.run import RunError
     if getattr(module, "PLAN_ONLY", False):
         raise RunError(f"{module.__file__} is a plan, not a run: "
@@ -66,11 +67,14 @@ def run(module, exp) -> None:
     if hasattr(module, "main"):
         module.main(exp)
     elif isinstance(exp, RLExperiment):
-        from rl.loop import grpo
-        grpo(exp)
-    else:
+        from rl.loop import run_rl
+        run_rl(exp)
+    elif isinstance(exp, Experiment):
         from train.loop import pretrain
         pretrain(exp)
+    else:
+        raise RunError(f"{module.__file__}: config() returned a {type(exp).__name__}, which is neither an Experiment "
+                       "nor an RLExperiment, and the file defines no main(exp) to run it")
 
 
 def main(argv: list[str] | None = None) -> int:

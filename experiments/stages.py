@@ -1,10 +1,10 @@
 """What the R1 stages share: one held-out evaluation, SFT runs that report it, and traces from an RL policy.
 
-- `EvalConfig`: the held-out digit chains (r1_zero.held_out()) and the sampling every stage is scored with; the
-  defaults are the ones rl.loop.grpo uses for eval_start/eval_end of r1_zero (its max_new_tokens, max_prompt_len,
-  key seed + 7, T 0.6, top-p 0.95), so the numbers of SFT and RL stages compare.
+- `stage_eval()`: the held-out evaluation every stage is scored with: r1_zero's `eval` resolved against its GRPO run
+  (its max_new_tokens, max_prompt_len, key, T 0.6, top-p 0.95), so the numbers of SFT and RL stages compare;
+  `held_out(ev)`: r1_zero's task's first `ev.problems` held-out problems.
 - `SFTConfig` + `sft_experiment` + `sft`: an SFT run (train.loop.pretrain with kind='sft' on in-memory
-  {'prompt', 'response'} records rendered with r1_zero.TEMPLATE; only responses are trained) followed by
+  {'prompt', 'response'} records rendered with r1_zero.TASK.template; only responses are trained) followed by
   RUN_DIR/eval.json (experiments.eval.evaluate_run; the same keys as eval_start.json).
 - `TraceConfig` + `policy_traces`: rejection sampling from a GRPO run's policy (rl.traces.verified_traces),
   cached as JSONL so that a rerun or a second consumer (distillation) reads instead of sampling again.
@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from experiments import r1_zero
-from experiments.config import CheckpointConfig, Experiment, RLExperiment
+from experiments.config import CheckpointConfig, EvalConfig, Experiment, RLExperiment
 from experiments.eval import (
     dataclass_from_dict,
     evaluate_run,
@@ -36,22 +36,13 @@ log = logging.getLogger(__name__)
 _ZERO = r1_zero.config()
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    problems: int = r1_zero.EVAL_PROBLEMS  # the first n of r1_zero.held_out()
-    k: int = r1_zero.EVAL_K  # samples per problem: pass@1 (mean over k), pass@k, maj@k
-    max_new_tokens: int = _ZERO.grpo.sampling.max_new_tokens
-    max_prompt_len: int = _ZERO.max_prompt_len
-    seed: int = _ZERO.seed + 7  # rl.loop's evaluation key
-
-    @classmethod
-    def like_grpo(cls, rl: RLExperiment, problems: int, k: int) -> EvalConfig:
-        """The evaluation rl.loop.grpo runs for `rl` (its max_new_tokens and max_prompt_len, key rl.seed + 7)."""
-        return cls(problems, k, rl.grpo.sampling.max_new_tokens, rl.max_prompt_len, rl.seed + 7)
+def stage_eval(rl: RLExperiment = _ZERO) -> EvalConfig:
+    """The evaluation `rl.loop.grpo` runs for `rl`, with every field explicit (SFT stages sample no GRPO rollouts)."""
+    return rl.evaluation()
 
 
 def held_out(ev: EvalConfig) -> list[dict]:
-    return r1_zero.held_out()[:ev.problems]
+    return r1_zero.TASK.held_out(ev.problems)
 
 
 @dataclass(frozen=True)
@@ -72,7 +63,7 @@ def sft_experiment(name: str, model: ModelConfig, run_dir: str, cfg: SFTConfig, 
     return Experiment(name=name, model=model, run_dir=run_dir, init_from=init_from, steps=cfg.steps,
                       batch_size=cfg.batch_size, seed=cfg.seed, mesh=mesh or MeshConfig(data=-1), optim=cfg.optim,
                       data=DataConfig(kind="sft", source="memory", tokenizer="byte", seq_len=cfg.seq_len,
-                                      chat_template=r1_zero.TEMPLATE, seed=cfg.seed),
+                                      chat_template=r1_zero.TASK.template, seed=cfg.seed),
                       checkpoint=CheckpointConfig(every=0, keep=1), progress=progress, tensorboard=tensorboard)
 
 
@@ -86,8 +77,8 @@ def sft(exp: Experiment, records: list[dict], ev: EvalConfig) -> dict:
     log.info("%s: SFT on %d records for %d steps", exp.name, len(records), exp.steps)
     pretrain(exp, records=records)
     return evaluate_run(exp.directory, held_out(ev), k=ev.k, max_new_tokens=ev.max_new_tokens, seed=ev.seed,
-                        max_prompt_len=ev.max_prompt_len,
-                        meta={"records": "r1_zero.held_out", "sft_records": len(records)})
+                        max_prompt_len=ev.max_prompt_len, task=r1_zero.TASK,
+                        meta={"records": f"{r1_zero.TASK.name}_held_out", "sft_records": len(records)})
 
 
 @dataclass(frozen=True)
@@ -118,9 +109,10 @@ def finished(run_dir: str, steps: int) -> bool:
 
 
 def shared_base(rl: RLExperiment, base_dir: str) -> str:
-    """r1_zero's base (for rl's model and mesh) in base_dir: pretrained, or resumed, unless finished there already."""
-    if not finished(base_dir, r1_zero.base_experiment(rl, base_dir).steps):
-        r1_zero.ensure_base(rl, base_dir)
+    """rl's base stage in base_dir: pretrained, or resumed, unless finished there already."""
+    from rl.loop import ensure_base
+    if not finished(base_dir, rl.base_run(base_dir).steps):
+        ensure_base(rl, base_dir)
     return base_dir
 
 
@@ -174,6 +166,7 @@ def policy_traces(policy_dir: str, records: list[dict], tc: TraceConfig, path: s
     params = load_base_params(policy_dir, Trainer(model, OptimConfig(schedule="constant"), LossConfig(), mesh))
     traces = verified_traces(model, params, load_tokenizer(prompts.tokenizer), records[:tc.prompts], k=tc.k,
                              max_per_problem=tc.max_per_problem, require_think=tc.require_think, data_cfg=prompts,
+                             task=r1_zero.TASK,
                              sampling=run_sampling(saved, tc.temperature, tc.top_p, tc.max_new_tokens),
                              max_prompt_len=saved["max_prompt_len"], rng=jax.random.key(tc.seed),
                              batch_size=tc.batch_size, mesh=mesh)

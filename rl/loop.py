@@ -28,7 +28,7 @@ from rl.evaluate import think_used
 from rl.grpo import ADVANTAGES, policy_objective, token_mean
 from rl.logprobs import completion_logprobs
 from rl.rollout import rollout
-from rl.tasks import PromptSource
+from rl.prompts import PromptSource
 from sharding import batch_sharding, make_mesh, use_rules
 from sharding.distributed import from_host, to_host
 from train.checkpoint import key_data, key_from_data
@@ -56,8 +56,11 @@ class GRPO:
         validate_vocab(self.tok, exp.model.vocab_size)
         self.mesh = make_mesh(exp.mesh)
         self.trainer = Trainer(exp.model, exp.optim, LossConfig(), self.mesh, loss_fn=self._loss)
+        self.task = exp.task
+        if records is None and exp.prompts.source == "memory":
+            records = self.task.train_records(exp.prompts)
         self.source = PromptSource(exp.prompts, records, seed=exp.seed)
-        self.reward = reward_function(exp.rewards, exp.reward_weights)
+        self.reward = reward_function(exp.reward_names, exp.weights)
         self.batch = g.prompts_per_step * g.num_generations
         # teacher-forced log-probs of a rollout batch, split over the data axes like the train step's batch
         # (unsharded inputs would make every device score the whole batch)
@@ -93,12 +96,18 @@ class GRPO:
         fields = {k: [r.get(k) for r in recs for _ in range(g.num_generations)] for k in recs[0]}
         total, parts = self.reward(out.texts, **fields)
         rewards = np.asarray(total, np.float32)
+        # `accuracy` is the task's correctness, never the total reward: its reward if the run trains with it
+        if self.task.correctness in parts:
+            correct = np.asarray(parts[self.task.correctness]) >= 1.0
+        else:
+            correct = self.task.correct(out.texts, [r for r in recs for _ in range(g.num_generations)])
         if g.overlong_cache:
             from rl.rewards import soft_overlong_penalty
             rewards = rewards + np.asarray(soft_overlong_penalty(out.lengths, g.sampling.max_new_tokens,
                                                                  g.overlong_cache))
         return {"prompts": out.prompts, "prompt_lens": out.prompt_lens, "completions": out.tokens,
                 "logprobs": out.logprobs, "lengths": out.lengths, "truncated": out.truncated, "rewards": rewards,
+                "correct": np.asarray(correct, np.float32),
                 "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": out.texts}
 
     def rollout(self, params, rng):
@@ -166,8 +175,7 @@ class GRPO:
         metrics = {
             "reward": float(roll["rewards"].mean()),
             **{f"reward_{k}": float(v.mean()) for k, v in roll["parts"].items()},
-            **({"accuracy": float(roll["parts"][_correctness(roll["parts"])].mean())}
-               if _correctness(roll["parts"]) else {}),
+            "accuracy": float(roll["correct"].mean()),
             "format_rate": float(roll["parts"]["format"].mean()) if "format" in roll["parts"] else float("nan"),
             "response_len_mean": float(roll["lengths"].mean()), "response_len_max": float(roll["lengths"].max()),
             "think_rate": float(np.mean([think_used(t) for t in roll["texts"]])),
@@ -187,14 +195,6 @@ class GRPO:
         return state, rng, metrics, roll
 
 
-CORRECTNESS_REWARDS = ("accuracy", "math_verify", "countdown", "arithmetic")  # the first present is 'accuracy'
-
-
-def _correctness(parts) -> str | None:
-    """The reward component that judges correctness ('accuracy' in the metrics); never the total reward."""
-    return next((k for k in CORRECTNESS_REWARDS if k in parts), None)
-
-
 def _zero_std(rewards, g):
     r = rewards.reshape(-1, g)
     return np.all(r == r[:, :1], axis=1)
@@ -202,20 +202,22 @@ def _zero_std(rewards, g):
 
 def _copy_group(dst, src, slot, donor, g):
     a, b = slice(slot * g, (slot + 1) * g), slice(donor * g, (donor + 1) * g)
-    for key in ("prompts", "prompt_lens", "completions", "logprobs", "lengths", "truncated", "rewards"):
+    for key in ("prompts", "prompt_lens", "completions", "logprobs", "lengths", "truncated", "rewards", "correct"):
         dst[key][a] = src[key][b]
     for key in dst["parts"]:
         dst["parts"][key][a] = src["parts"][key][b]
     dst["texts"][a] = src["texts"][b]
 
 
-def _evaluate(algo, exp, params, records, k, path):
+def _evaluate(algo, exp, params, records, path):
+    from dataclasses import replace
+
     from rl.evaluate import eval_sampling, evaluate
-    from rl.rewards import REWARDS
-    # held-out correctness by the run's own answer check: math-verify when training uses it, else integer match
-    score = {"score_fn": REWARDS["math_verify"]} if "math_verify" in exp.rewards else {}
-    result = evaluate(exp.model, params, algo.tok, records, k=k, sampling=eval_sampling(exp.grpo.sampling), **score,
-                      max_prompt_len=exp.max_prompt_len, data_cfg=exp.prompts, rng=jax.random.key(exp.seed + 7),
+    ev = exp.evaluation()
+    k = ev.k
+    sampling = replace(eval_sampling(exp.grpo.sampling), max_new_tokens=ev.max_new_tokens)
+    result = evaluate(exp.model, params, algo.tok, records, k=k, sampling=sampling, task=exp.task,
+                      max_prompt_len=ev.max_prompt_len, data_cfg=exp.prompts, rng=jax.random.key(ev.seed),
                       mesh=algo.mesh, rules=algo.trainer.rules)
     if jax.process_index() == 0:
         with open(path, "w") as fh:
@@ -225,13 +227,35 @@ def _evaluate(algo, exp, params, records, k, path):
     return result
 
 
-def grpo(exp, records=None, eval_records=None, eval_k: int = 8) -> dict:
+def ensure_base(exp, base_dir: str = "") -> str:
+    """Pretrain `exp`'s base stage into base_dir (default: base.run_dir, else run_dir/base), resuming a started one;
+    a finished one is reused as it is. Returns its directory."""
+    from train.loop import pretrain
+    base = exp.base_run(base_dir)
+    pretrain(base, records=exp.task.corpus() if base.data.source == "memory" else None)
+    return base.directory
+
+
+def run_rl(exp) -> dict:
+    """What `python -m experiments.run` does with an RLExperiment: its base stage when it has one and no init_from,
+    then GRPO on its task (held-out evaluation before and after when eval.problems > 0)."""
+    from dataclasses import replace
+    if exp.base is not None and not exp.init_from:
+        exp = replace(exp, init_from=ensure_base(exp))
+    return grpo(exp)
+
+
+def grpo(exp, records=None, eval_records=None) -> dict:
     """Run GRPO for `exp.steps` iterations, resuming from exp.directory if it holds a checkpoint.
 
-    With `eval_records` (held-out problems), writes run_dir/eval_start.json before the first step and
-    run_dir/eval_end.json after the last (pass@1 over k samples, pass@k, maj@k, length, think usage).
+    Prompts: `records`, else the task's (`exp.task.train_records`) when the prompts source is 'memory', else the
+    prompts config's own source. Held-out problems: `eval_records`, else the task's first `exp.eval.problems`;
+    when there are any, writes run_dir/eval_start.json before the first step and run_dir/eval_end.json after the
+    last (pass@1 over eval.k samples, pass@k, maj@k, length, think usage).
     """
     run_dir = exp.directory
+    if eval_records is None and exp.eval.problems:
+        eval_records = exp.task.held_out(exp.eval.problems)
     algo = GRPO(exp, records)
     trainer = algo.trainer
     run = Run(exp)  # refuses a checkpoint of another model, as pretraining does
@@ -258,7 +282,7 @@ def grpo(exp, records=None, eval_records=None, eval_k: int = 8) -> dict:
             ref = jax.tree.map(jnp.copy, state["params"]) if keep_ref else None
         run.start(start)
         if eval_records and start == 0:
-            _evaluate(algo, exp, state["params"], eval_records, eval_k, os.path.join(run_dir, "eval_start.json"))
+            _evaluate(algo, exp, state["params"], eval_records, os.path.join(run_dir, "eval_start.json"))
         for step in range(start, exp.steps):
             if ref is not None and exp.grpo.ref_reset_every and step and step % exp.grpo.ref_reset_every == 0:
                 ref = jax.tree.map(jnp.copy, state["params"])
@@ -271,7 +295,7 @@ def grpo(exp, records=None, eval_records=None, eval_k: int = 8) -> dict:
     finally:
         run.close()
     if eval_records:
-        _evaluate(algo, exp, state["params"], eval_records, eval_k, os.path.join(run_dir, "eval_end.json"))
+        _evaluate(algo, exp, state["params"], eval_records, os.path.join(run_dir, "eval_end.json"))
     run.plot(["reward", "accuracy", "format_rate", "response_len_mean", "think_rate", "kl", "entropy",
               "clip_frac_high", "zero_std_frac"])
     return row

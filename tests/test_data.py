@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from train.data import DataConfig, load_records, make_iterator, render_prompt, synthetic_example, validate_vocab
+from rl.tasks.arithmetic import synthetic_example
+from train.data import DataConfig, load_records, make_iterator, render_prompt, validate_vocab
 from train.tokenizer import TAGS, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 BYTE = ByteTokenizer()

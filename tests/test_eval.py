@@ -15,7 +15,6 @@ from model import init_params
 from model.config import ModelConfig
 from rl.evaluate import (
     evaluate,
-    held_out_problems,
     maj_at_k,
     majority_answer,
     normalize_answer,
@@ -24,7 +23,7 @@ from rl.evaluate import (
 )
 from rl.rollout import Sampling
 from rl.sampler import SampleOutput
-from train.data import synthetic_example
+from rl.tasks.arithmetic import held_out_problems, seen_synthetic_prompts, synthetic_example
 from train.tokenizer import ByteTokenizer
 
 TINY = ModelConfig(vocab_size=264, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64,
@@ -121,7 +120,7 @@ def test_held_out_problems():
 
 
 def test_seen_synthetic_prompts_small():
-    seen = ev.seen_synthetic_prompts(3, size=20)
+    seen = seen_synthetic_prompts(3, size=20)
     rec = synthetic_example(3, 7)
     assert rec["prompt"][len("What is "):-1] in seen
     assert rec["text"].split("\n")[0][3:].split("=?")[0] in seen

@@ -18,6 +18,7 @@ from experiments.run import main as run_main  # noqa: E402
 from model import forward  # noqa: E402
 from model.hf import load_hf  # noqa: E402
 from model.hf_config import config_from_hf  # noqa: E402
+from rl import tasks  # noqa: E402
 from train.data import DataConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,30 +78,30 @@ def checkpoint(tmp_path_factory):
     ("x #### 1 #### 2.5", "2.5"),
     ("+7", "7"),
 ])
-def test_gold_extraction(gsm8k, answer, gold):
-    assert gsm8k.gsm8k_gold(answer) == gold
+def test_gold_extraction(answer, gold):
+    assert tasks.gsm8k_gold(answer) == gold
 
 
 @pytest.mark.parametrize("answer", ["The answer is seven.", "#### seven", "#### ", "", "#### 1/2"])
-def test_gold_extraction_rejects_garbage(gsm8k, answer):
+def test_gold_extraction_rejects_garbage(answer):
     with pytest.raises(ValueError, match="GSM8K answer"):
-        gsm8k.gsm8k_gold(answer)
+        tasks.gsm8k_gold(answer)
     with pytest.raises(TypeError, match="GSM8K answer"):
-        gsm8k.gsm8k_gold(None)
+        tasks.gsm8k_gold(None)
 
 
-def test_records_extract_gold_and_name_a_bad_row(gsm8k, tmp_path):
+def test_records_extract_gold_and_name_a_bad_row(tmp_path):
     cfg = DataConfig(kind="prompts", source="parquet", path="x.parquet", prompt_field="question")
-    recs = gsm8k.gsm8k_records(cfg, DATA)  # the .jsonl extension picks the JSONL reader
+    recs = tasks.gsm8k_records(cfg, DATA)  # the .jsonl extension picks the JSONL reader
     assert [r["answer"] for r in recs] == GOLDS
     assert recs[0]["question"].startswith("Tom has 3 boxes")
-    assert len(gsm8k.gsm8k_records(cfg, DATA, limit=4)) == 4
+    assert len(tasks.gsm8k_records(cfg, DATA, limit=4)) == 4
     bad = tmp_path / "bad.jsonl"
     with open(DATA) as fh:
         first = fh.readline()
     bad.write_text(first + json.dumps({"question": "q?", "answer": "no number here"}) + "\n")
     with pytest.raises(ValueError, match="row 1"):
-        gsm8k.gsm8k_records(cfg, str(bad))
+        tasks.gsm8k_records(cfg, str(bad))
 
 
 def test_defaults_are_the_cluster_recipe(gsm8k):
@@ -109,7 +110,8 @@ def test_defaults_are_the_cluster_recipe(gsm8k):
 
     exp = gsm8k.config()
     assert exp.prompts.chat_template == R1_TEMPLATE and exp.prompts.prompt_field == "question"
-    assert all(r in REWARDS for r in exp.rewards) and "math_verify" in exp.rewards
+    assert all(r in REWARDS for r in exp.reward_names) and "math_verify" in exp.reward_names
+    assert exp.task.correctness == "math_verify"  # held-out pass@k, maj@k and the `accuracy` metric
     assert exp.model.compute_dtype == "bfloat16" and exp.model.param_dtype == "float32"
     assert exp.mesh.fsdp == -1 and exp.grpo.beta == 0.0 and 8 <= exp.grpo.num_generations <= 16
     assert 512 <= exp.grpo.sampling.max_new_tokens <= 1024 and 1e-6 <= exp.optim.lr <= 3e-6
@@ -151,7 +153,7 @@ def test_r1_zero_gsm8k_runs_end_to_end(gsm8k, checkpoint, tmp_path):
     run_dir = tmp_path / "run"
     # the test's sizes; the shorter template and the evaluation's sampling settings (T 0.6, top-p 0.95) keep
     # prompts short and let the rollouts reuse the evaluation's compiled sampler (CPU time)
-    overrides = [f"init_from={d}", f"prompts.path={train}", f"eval_path={DATA}", "eval_problems=4", "eval_k=2",
+    overrides = [f"init_from={d}", f"prompts.path={train}", f"task.eval_path={DATA}", "eval.problems=4", "eval.k=2",
                  f"run_dir={run_dir}", "steps=2", "grpo.num_generations=4", "grpo.prompts_per_step=2",
                  "grpo.sampling.max_new_tokens=16", "grpo.mini_batches=1", "grpo.sampling.temperature=0.6",
                  "grpo.sampling.top_p=0.95",
@@ -176,7 +178,7 @@ def test_r1_zero_gsm8k_runs_end_to_end(gsm8k, checkpoint, tmp_path):
     with open(run_dir / "config.json") as fh:
         saved = json.load(fh)
     assert saved["model"]["d_model"] == 32 and saved["model"]["n_layers"] == 2  # the checkpoint's architecture
-    assert saved["prompts"]["path"] == str(train) and saved["eval_path"] == DATA
+    assert saved["prompts"]["path"] == str(train) and saved["task"] == {"name": "gsm8k", "eval_path": DATA}
 
     # the trained policy is the HF checkpoint moved by two lr-1e-6 steps, not a random init
     from sharding import make_mesh

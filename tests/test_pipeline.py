@@ -85,17 +85,18 @@ def test_verified_traces_keep_only_correct_and_formatted(monkeypatch):
 
 
 def test_cold_start_traces_are_curated_worked_solutions():
-    from experiments import r1, r1_zero
+    from experiments import r1
     from rl.rewards import format_reward
-    from rl.tasks import digit_chain_prompts
 
-    traces = r1.cold_start_traces(300)
+    exp = r1.config()
+    traces = r1.cold_start_traces(exp)
     assert 250 <= len(traces) <= 300
     assert len({t["prompt"] for t in traces}) == len(traces)
     assert all(f == 1.0 for f in format_reward([t["response"] for t in traces]))
-    held = {r["prompt"] for r in digit_chain_prompts(r1_zero.HELD_OUT_SEED, 1)}
-    assert r1.COLD_START_SEED not in (r1_zero.HELD_OUT_SEED, r1_zero.TRAIN_SEED, r1_zero.TRAIN_SEED + 100)
-    assert held  # a different seed stream (short chains can still coincide by content)
+    t = exp.rl.task
+    assert exp.cold_start_seed not in (t.held_out_seed, t.corpus_seed, t.prompt_seed)
+    with pytest.raises(ValueError, match="cold_start_seed"):
+        dataclasses.replace(exp, cold_start_seed=t.held_out_seed)
 
 
 def test_rejection_sft_names_the_override_when_the_rl_run_is_missing(tmp_path):
@@ -117,7 +118,8 @@ TINY_PIPELINE = [  # every stage a few steps; one MLA + MoE + MTP layer (compile
     "rejection.sample.prompts=4", "rejection.sample.k=2", "rejection.sample.max_new_tokens=24",
     "rejection.sft.steps=2", "rejection.sft.batch_size=8",
     "distill.sft.steps=2", "distill.sft.batch_size=8", "distill.student.n_layers=1",
-    "eval_problems=4", "eval_k=2", "progress=false", "tensorboard=false",
+    "zero.eval.problems=4", "zero.eval.k=2", "zero.base.steps=2", "zero.task.corpus_docs=2000",
+    "progress=false", "tensorboard=false",
 ]
 
 
@@ -137,7 +139,7 @@ def xla_cache(tmp_path):
 
 def test_pipeline_end_to_end_tiny(tmp_path, monkeypatch, xla_cache):
     import rl.traces
-    from experiments import pipeline, r1, r1_zero
+    from experiments import pipeline, r1
     from experiments.eval import model_config_from_dict, read_run_config
     from experiments.overrides import apply_overrides
     from sharding import make_mesh
@@ -147,13 +149,11 @@ def test_pipeline_end_to_end_tiny(tmp_path, monkeypatch, xla_cache):
     from train.loop import load_base_params
     from train.step import Trainer
 
-    monkeypatch.setattr(r1_zero, "BASE_STEPS", 2)  # the base's length is r1_zero's constant
-    monkeypatch.setattr(r1_zero, "BASE_DOCS", 2000)
     sampled = []
 
     def verified_and_padded(*args, **kw):  # a 2-step policy verifies nothing: add worked traces for the SFT stages
         sampled.append(real(*args, **kw))
-        return sampled[-1] + r1.cold_start_traces(16)
+        return sampled[-1] + r1.cold_start_traces(dataclasses.replace(r1.config(), traces=16))
 
     real = rl.traces.verified_traces
     monkeypatch.setattr(rl.traces, "verified_traces", verified_and_padded)
@@ -174,7 +174,8 @@ def test_pipeline_end_to_end_tiny(tmp_path, monkeypatch, xla_cache):
     assert student["mla"] is None and student["moe"] is None and student["n_layers"] == 1
     assert len(sampled) == 1  # sampled once from r1's policy (rl.evaluate + the GRPO loader); distill reused it
     with open(root / "rejection_sft/traces.jsonl") as fh:
-        assert len(fh.readlines()) == len(sampled[0]) + len(r1.cold_start_traces(16))
+        assert len(fh.readlines()) == len(sampled[0]) + len(r1.cold_start_traces(dataclasses.replace(r1.config(),
+                                                                                                      traces=16)))
 
     text = (root / "results.md").read_text()
     for stage, _, _ in pipeline.STAGES:

@@ -1,4 +1,4 @@
-"""The digit-chain task (rl/tasks.py): answers, the fixed-distance layout that makes steps learnable, the
+"""The digit-chain task (rl/tasks/digit_chain.py): answers, the fixed-distance layout that makes steps learnable, the
 step checker, the corpus mix, and disjoint seeds."""
 
 import numpy as np
@@ -99,3 +99,94 @@ def test_countdown_prompts_are_solvable_and_both_verifiers_agree():
     theirs = [ds.score_answer(r["solution"], e) for r, e in zip(recs, ds)]
     theirs += [ds.score_answer(r["solution"] + " + 1", e) for r, e in zip(recs, ds)]
     assert [float(t >= 1.0) for t in theirs] == ours
+
+
+# ---- tasks as one concept (rl/tasks/) -------------------------------------------------------------------------------
+
+def test_registry_and_task_fields():
+    from rl.tasks import TASKS, Arithmetic, Countdown, DigitChain, GSM8K, get_task
+    assert set(TASKS) >= {"arithmetic", "digit_chain", "countdown", "gsm8k"}
+    assert get_task("digit_chain") == DigitChain() and get_task(Countdown(train_prompts=5)).train_prompts == 5
+    with pytest.raises(ValueError, match="unknown 'nope'"):
+        get_task("nope")
+    # the correctness reward is the task's, and it is among its RL rewards
+    for cls in (Arithmetic, DigitChain, Countdown, GSM8K):
+        assert cls.correctness in cls.rewards and cls.rewards[0] == "format"
+    with pytest.raises(ValueError, match="task.prompt_seed"):
+        DigitChain(prompt_seed=2, held_out_seed=2)
+    with pytest.raises(ValueError, match="task.reason_prob"):
+        DigitChain(reason_prob=1.5)
+    with pytest.raises(ValueError, match="max_step"):
+        DigitChain(max_step=0)
+
+
+def test_digit_chain_task_owns_records_and_split():
+    from rl.tasks import DigitChain
+    task = DigitChain(train_prompts=300, corpus_docs=50)
+    train, held = task.train_records(), task.held_out(40)
+    assert len(train) == 300 and len(held) == 40 and held == task.held_out(40)
+    assert train == digit_chain_prompts(task.prompt_seed, 300)  # the task's generator, its own seed
+    assert len(task.corpus()) == 50 and all(set(r) == {"prompt", "response"} for r in task.corpus())
+    long = DigitChain(min_terms=7, max_terms=8).held_out(20)
+    assert {r["difficulty"] for r in long} <= {7, 8} and all(len(r["prompt"]) == len(long[0]["prompt"]) for r in long)
+    worked = task.worked(201, 10)
+    assert task.correct([w["response"] for w in worked], worked).all()
+
+
+def test_correctness_and_votes_per_task():
+    from rl.tasks import Countdown, DigitChain, GSM8K
+    recs = [{"prompt": "p", "answer": "4"}, {"prompt": "p", "answer": "4"}]
+    assert DigitChain().correct(["<answer>4</answer>", "<answer>5</answer>"], recs).tolist() == [True, False]
+
+    cd = Countdown()
+    rec = {"prompt": "Using 3 5 7 once each with + - * /, make 22.", "numbers": [3, 5, 7], "target": 22}
+    good = ["<answer>3*5+7</answer>", "<answer>7+5*3</answer>", "<answer>3*5+8</answer>", "<answer>15+7</answer>"]
+    assert cd.correct(good, [rec] * 4).tolist() == [True, True, False, False]
+    # maj@k's equivalence: every valid equation reaching the target is one answer; wrong ones stay apart
+    keys = [cd.vote_key(a, rec) for a in ("3*5+7", "7+5*3", "3*5+8", " 3*5+8 ", None)]
+    assert keys[0] == keys[1] and keys[2] == keys[3] != keys[0] and keys[4] is None
+
+    g = GSM8K()
+    assert len({g.vote_key(a, {}) for a in ("72", "72.0", "$72", "72.", "72.00")}) == 1
+    assert g.vote_key("1,234", {}) == "1234" and g.vote_key("x" * 100, {}) is None
+    assert g.vote_key("0.50", {}) == "0.5" and g.vote_key("-5", {}) == "-5"
+
+
+def test_countdown_held_out_excludes_training_problems():
+    from rl.tasks import Countdown
+    task = Countdown(train_prompts=60, min_numbers=3, max_numbers=3, max_value=6, min_target=5, max_target=12)
+    train = {r["prompt"] for r in task.train_records()}
+    held = task.held_out(20)
+    assert len(held) == 20 and not train & {r["prompt"] for r in held}
+    assert all(cd_ok for cd_ok in task.correct([f"<answer>{r['solution']}</answer>" for r in held], held))
+
+
+def test_evaluate_judges_and_votes_with_the_task(monkeypatch):
+    """maj@k groups answers by the task's equivalence: two different valid Countdown equations are one vote."""
+    import rl.rollout
+    from rl.evaluate import evaluate
+    from rl.rollout import Sampling
+    from rl.sampler import SampleOutput
+    from rl.tasks import Countdown
+    from train.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    script = ["<think>a</think> <answer>3*5+7</answer>", "<think>b</think> <answer>3*5+8</answer>",
+              "<think>c</think> <answer>3*5+8</answer>", "<think>d</think> <answer>7+5*3</answer>",
+              "<think>e</think> <answer>5*3+7</answer>"]
+
+    def fake(cfg, params, prompts, prompt_lens, max_new_tokens, *args, **kw):
+        ids = [(tok.encode(t) + [tok.eos_id])[:max_new_tokens] for t in script]
+        rows = [i + [tok.pad_id] * (max_new_tokens - len(i)) for i in ids]
+        return SampleOutput(np.asarray(rows, np.int32), np.zeros((5, max_new_tokens), np.float32),
+                            np.asarray([len(i) for i in ids], np.int32), np.zeros(5, bool))
+
+    monkeypatch.setattr(rl.rollout, "generate", fake)
+    rec = {"prompt": "make 22 from 3 5 7", "numbers": [3, 5, 7], "target": 22, "answer": ""}
+    m = evaluate(None, None, tok, [rec], k=5, sampling=Sampling(max_new_tokens=60), template="{prompt}",
+                 batch_size=5, task=Countdown())
+    assert m["pass@1"] == pytest.approx(3 / 5)
+    assert m["maj@k"] == 1.0  # 3 valid equations (one class) outvote the twice-given wrong one
+    # by string the wrong answer would win: the arithmetic task's integer check finds no integer at all
+    assert evaluate(None, None, tok, [rec], k=5, sampling=Sampling(max_new_tokens=60), template="{prompt}",
+                    batch_size=5)["maj@k"] == 0.0

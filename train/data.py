@@ -44,8 +44,6 @@ from train.sources import (  # noqa: F401
     _check,
     _needed_fields,
     load_records,
-    synthetic_example,
-    synthetic_problem,
 )
 from train.packing import ROW_KEYS, FitToRows, ToBatch
 from train.tokenizer import Tokenizer, load_tokenizer, validate_vocab  # noqa: F401  (re-exported)
@@ -64,7 +62,7 @@ class DataConfig:
             `"pretrain"`: next-token prediction on whole documents, packed. `"sft"`: prompt/response pairs rendered
             with `chat_template`; only response tokens (and the final EOS) are trained.
         source (`str`, *optional*, defaults to `"synthetic"`):
-            `"synthetic"`: seeded arithmetic documents (`synthetic_example`); `"memory"`: the `records=` list given
+            `"synthetic"`: seeded arithmetic documents (`rl.tasks.arithmetic.synthetic_example`); `"memory"`: the `records=` list given
             to `make_iterator` (strings or dicts); `"jsonl"`: one JSON object per line; `"parquet"`: Parquet or
             Arrow files as Hugging Face `datasets` writes them (`to_parquet`, hub `*.parquet`, `save_to_disk`
             `*.arrow`), read with pyarrow.

@@ -1,8 +1,7 @@
-"""Where records come from: the synthetic arithmetic generator and the JSONL / Parquet / Arrow file readers.
+"""Where records come from: the synthetic arithmetic task's generator (rl/tasks/arithmetic.py) and the JSONL /
+Parquet / Arrow file readers.
 
     recs = load_records(cfg)                 # random-access Sequence of strings or dicts, validated
-    synthetic_example(seed, index)           # {'text', 'prompt', 'response', 'answer'}, deterministic
-    expr, steps, value = synthetic_problem(rng)
 
 `load_records` checks that the records carry the fields `cfg.kind` needs (see `DataConfig`, train/data.py);
 tokenisation, packing and batching live in train/data.py.
@@ -27,56 +26,6 @@ def _check(ok, name, msg):
         raise ValueError(f"{name}: {msg}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic arithmetic
-
-_OPS = "+-*"
-
-
-def _operand(rng, op):
-    return int(rng.integers(0, 13)) if op == "*" else int(rng.integers(0, 100))
-
-
-def _apply(a, op, b):
-    return a + b if op == "+" else a - b if op == "-" else a * b
-
-
-def synthetic_problem(rng) -> tuple[str, list[str], int]:
-    """(expression, reasoning steps, value) of a random 2- or 3-term integer expression with + - *."""
-    n = 2 if rng.random() < 0.5 else 3
-    ops = [_OPS[int(rng.integers(0, 3))] for _ in range(n - 1)]
-    nums = [_operand(rng, ops[0])] + [_operand(rng, op) for op in ops]
-    expr = "".join(f"{x}{op}" for x, op in zip(nums, ops)) + str(nums[-1])
-    if n == 2:
-        v = _apply(nums[0], ops[0], nums[1])
-        return expr, [f"{expr}={v}"], v
-    a, b, c = nums
-    o1, o2 = ops
-    if o2 == "*" and o1 != "*":  # precedence: b*c first
-        t = b * c
-        v = _apply(a, o1, t)
-        return expr, [f"{b}*{c}={t}", f"{a}{o1}{t}={v}"], v
-    t = _apply(a, o1, b)
-    v = _apply(t, o2, c)
-    return expr, [f"{a}{o1}{b}={t}", f"{t}{o2}{c}={v}"], v
-
-
-def synthetic_example(seed: int, index: int) -> dict[str, str]:
-    """Record `index` of the synthetic source: deterministic in (seed, index).
-
-    Keys: 'text' (1-8 lines like 'Q: 12+7*3=? A: 33'), 'prompt' ('What is 12+7*3?'),
-    'response' ('<think>7*3=21, 12+21=33</think> <answer>33</answer>') and 'answer' ('33').
-    """
-    rng = np.random.default_rng([int(seed), int(index)])
-    lines = []
-    for _ in range(int(rng.integers(1, 9))):
-        expr, _, v = synthetic_problem(rng)
-        lines.append(f"Q: {expr}=? A: {v}")
-    expr, steps, v = synthetic_problem(rng)
-    return {"text": "\n".join(lines), "prompt": f"What is {expr}?",
-            "response": f"<think>{', '.join(steps)}</think> <answer>{v}</answer>", "answer": str(v)}
-
-
 class _Synthetic(Sequence):
     def __init__(self, cfg: DataConfig):
         self._seed, self._n = cfg.seed, cfg.synthetic_size
@@ -87,6 +36,7 @@ class _Synthetic(Sequence):
         return self._n
 
     def __getitem__(self, i):
+        from rl.tasks.arithmetic import synthetic_example  # the task owns its generator
         if not 0 <= i < self._n:
             raise IndexError(i)
         return {self._keys[k]: v for k, v in synthetic_example(self._seed, i).items()}
