@@ -84,6 +84,10 @@ class GRPO:
         old = jnp.where(batch["first"][:, None] > 0, jax.lax.stop_gradient(logp), batch["old_logp"])
         loss, metrics = policy_objective(g, logp, old, batch.get("ref_logp"), batch["adv"], batch["loss_mask"])
         metrics["entropy"] = token_mean(jax.lax.stop_gradient(entropy), batch["loss_mask"])
+        # the sampler and the trainer run one forward on the same parameters: on the first mini-batch (before any
+        # update) their log-probs of the sampled tokens differ only by numerics (logged as `logprob_mismatch`)
+        metrics["logprob_mismatch"] = token_mean(jnp.abs(jax.lax.stop_gradient(logp) - batch["sampler_logp"]),
+                                                 batch["loss_mask"])
         return loss, metrics, aux.get("expert_load")
 
     # ---- rollouts -----------------------------------------------------------------------------------------------
@@ -142,7 +146,8 @@ class GRPO:
         if g.mask_truncated:
             mask *= ~roll["truncated"][:, None]
         batch = {"prompts": roll["prompts"], "prompt_lens": roll["prompt_lens"], "completions": roll["completions"],
-                 "adv": adv.astype(np.float32), "loss_mask": mask, "first": np.zeros(self.batch, np.float32)}
+                 "adv": adv.astype(np.float32), "loss_mask": mask, "first": np.zeros(self.batch, np.float32),
+                 "sampler_logp": np.asarray(roll["logprobs"], np.float32)}
         args = (roll["prompts"], roll["prompt_lens"], roll["completions"])
         t1 = time.perf_counter()
         needs_old = g.num_iterations > 1 or g.mini_batches > 1
@@ -183,6 +188,9 @@ class GRPO:
             "entropy": float(first["entropy"]), "kl": float(first.get("kl", 0.0)),
             "clip_frac_low": float(np.mean([u["clip_frac_low"] for u in updates])),
             "clip_frac_high": float(np.mean([u["clip_frac_high"] for u in updates])),
+            "logprob_mismatch": float(first["logprob_mismatch"]),
+            **({"off_policy_masked_frac": float(np.mean([u["off_policy_masked_frac"] for u in updates]))}
+               if "off_policy_masked_frac" in first else {}),
             "first_ratio_mean": float(first["ratio_mean"]), "first_clip_frac": float(first["clip_frac_low"] +
                                                                                      first["clip_frac_high"]),
             "loss": float(np.mean([u["loss"] for u in updates])),
