@@ -11,31 +11,32 @@ bf16 parameters and compute). Its RoPE is the released YaRN (factor 40) config; 
 4K without the extension (§4.3), which changes neither the parameter count nor the FLOPs. Remat: 'block'
 (keep each layer's input, recompute the layer in the backward). V3 (§3.2.3) recomputes only RMSNorm and the
 MLA up-projections, but it holds 4 layers per pipeline stage; without a pipeline axis every device holds all
-61 layers' activations, and the planner puts 'dots' far over 80 GB here against ~12 GiB of activations for
-'block' (~74 GiB in all, under the H800's 80 GB).
+61 layers' activations, and the planner puts 'dots' at ~119 GiB per device against ~57 GiB in all for
+'block' (11 GiB of activations: the kept layer inputs plus one layer recomputed with its gradients; figures
+with the preset's dtypes as of this writing, float32 master parameters and moments), under the H800's 80 GB
+with room for the XLA temporaries the planner does not model.
 
 MoE: impl='capacity' with capacity_factor 1.25 over all-to-all (model/expert_parallel.py). V3 itself drops no
 tokens, but our exact dropless path under expert parallelism needs worst-case static buffers (n slots per
-expert: 143 GiB per device, does not fit) and 'dense' computes all 256 experts on every token (86.7 GiB, 32x
+expert: 107 GiB per device, does not fit) and 'dense' computes all 256 experts on every token (86 GiB, 32x
 the routed FLOPs); with 1.25 slack per expert and the aux-loss-free balancing keeping loads near the mean,
 few pairs drop (the train step reports the fraction as 'moe_dropped').
 
 Mesh (2,048 devices = 256 nodes x 8 H800). V3 used 16-way pipeline parallelism, 64-way expert parallelism
 across 8 nodes and ZeRO-1 data parallelism, no tensor parallelism (§3.2). Our axes are data, fsdp, tensor,
-expert (no pipeline axis), so: expert=64 (routed experts 256/64 = 4 per device, as in V3) and fsdp=32 in
-place of pipeline x ZeRO (parameters and optimizer state sharded along `embed`); data=-1 resolves to 1 on
-2,048 devices. Every data-like axis shards the batch, so the batch-parallel size is 2,048.
-With tensor=1 the `heads`-sharded MLA up-projections (q_b_proj, kv_b_proj) are replicated on every device;
-the planner reports ~6.3 GiB of them, ~46 GiB with their fp32 master and moments. An alternative that keeps
-V3's exact 15,360-sequence batch and shards heads 2-way plans at ~45 GiB per device:
-`mesh.fsdp=16 mesh.tensor=2 batch_size=15360 loss.micro_batches=15` (at the cost of tensor-parallel
-collectives, which V3 avoided).
+expert (no pipeline axis), so: expert=64 (routed experts 256/64 = 4 per device, as in V3), fsdp=16 and
+tensor=2 in place of pipeline x ZeRO (parameters and optimizer state sharded along `embed`, heads 2-way);
+data=-1 resolves to 1. The batch is sharded over data·fsdp·expert = 1,024 devices. Tensor=2 costs
+tensor-parallel collectives V3 avoided, but with tensor=1 the `heads`-sharded MLA up-projections (q_b_proj,
+kv_b_proj) are replicated on every device (12.6 GiB with float32 parameters, 3x that with their moments), and
+`mesh.fsdp=32 mesh.tensor=1 batch_size=16384 loss.micro_batches=8` plans at ~92 GiB: it does not fit.
 
-Batch: V3 ramps 3,072 -> 15,360 sequences of 4K over the first 469B tokens; 15,360 does not divide over
-2,048 batch-parallel devices, so we use 16,384 sequences (67.1M tokens, +6.7 %) in 8 micro-batches of one
-sequence per device. Optimizer (§4.2): AdamW β (0.9, 0.95), weight decay 0.1, peak lr 2.2e-4 after 2K warmup
-steps, clip 1.0; V3 holds the peak to 10T tokens then decays by cosine to 2.2e-5 — our 'cosine' schedule with
-final_lr_frac 0.1 over the whole run is the nearest built-in shape. Steps: 14.8T tokens / 67.1M.
+Batch: V3 ramps 3,072 -> 15,360 sequences of 4K over the first 469B tokens; we use the final 15,360 (62.9M
+tokens) in 15 micro-batches of one sequence per batch-parallel device (the accumulation holds a second
+gradient tree, which the planner counts). Optimizer (§4.2): AdamW β (0.9, 0.95), weight decay 0.1, peak lr
+2.2e-4 after 2K warmup steps, clip 1.0; V3 holds the peak to 10T tokens then decays by cosine to 2.2e-5 —
+our 'cosine' schedule with final_lr_frac 0.1 over the whole run is the nearest built-in shape. Steps: 14.8T
+tokens / 62.9M.
 """
 
 PLAN_ONLY = True  # experiments.run refuses it: python -m experiments.plan experiments/deepseek_v3.py
@@ -51,7 +52,7 @@ from train.config import LossConfig, OptimConfig
 from train.data import DataConfig
 
 SEQ_LEN = 4096
-BATCH_SIZE = 16384  # sequences; V3's 15,360 rounded up to divide over 2,048 batch-parallel devices
+BATCH_SIZE = 15360  # sequences: V3's batch, 15 micro-batches of one sequence on 1,024 batch-parallel devices
 TOKENS = 14.8e12
 
 # What the V3 technical report states, for the planner to print beside its own figures.
@@ -76,10 +77,10 @@ def config() -> Experiment:
         name="deepseek_v3",
         model=_model(),
         data=DataConfig(kind="pretrain", source="synthetic", tokenizer="byte", seq_len=SEQ_LEN, seed=0),
-        mesh=MeshConfig(data=-1, fsdp=32, tensor=1, expert=64),
+        mesh=MeshConfig(data=-1, fsdp=16, tensor=2, expert=64),
         optim=OptimConfig(lr=2.2e-4, warmup_steps=2000, schedule="cosine", final_lr_frac=0.1, b1=0.9, b2=0.95,
                           weight_decay=0.1, clip_norm=1.0),
-        loss=LossConfig(micro_batches=8),
+        loss=LossConfig(micro_batches=15),
         checkpoint=CheckpointConfig(every=1000, keep=3),
         steps=math.ceil(TOKENS / (BATCH_SIZE * SEQ_LEN)),
         batch_size=BATCH_SIZE,

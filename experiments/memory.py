@@ -8,22 +8,36 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # ---- activations ---------------------------------------------------------------------------------------
+# The per-tensor counts below are what `jax.ad_checkpoint` (saved_residuals) reports this code keeps for the
+# backward pass under remat='none' (tiny DeepSeek-V3, measured when this file was written): every RMSNorm keeps
+# its fp32 normalised input and its output (4 + β bytes per element, fp32 whatever the compute dtype), SwiGLU
+# keeps 6 f-sized tensors (gate and up outputs, silu's input, sigmoid and output, the product), the dense MoE
+# 8 per expert row (plus its repeated gate weights and the gated product).
+
+SWIGLU_TENSORS = 6
+DENSE_MOE_TENSORS = 8
+
+
+def _norm(width: float, beta: int) -> float:
+    return (4 + beta) * width
+
 
 def _attn_bytes(cfg, policy: str, t: int, beta: int) -> float:
+    """Attention sub-layer plus the layer's two norms and residual adds, per token (bytes)."""
     d, h = cfg.d_model, cfg.n_heads
     if cfg.mla is not None:
         m = cfg.mla
         q_lat = m.q_lora_rank or 0
         dqk, dv = m.qk_head_dim, m.v_head_dim
-        if policy == "none":
-            return beta * (2 * d + 2 * q_lat + 2 * m.kv_lora_rank + m.qk_rope_head_dim) \
-                + beta * h * (2 * dqk + 2 * dv) / t + 4 * h / t
+        if policy == "none":  # + q_a / kv_a outputs, their norms, 2 RoPE pieces, q, k, v, attention output, lse
+            return _norm(2 * d + q_lat + m.kv_lora_rank, beta) + beta * (2 * d + q_lat + m.kv_lora_rank) \
+                + beta * (2 * m.qk_rope_head_dim + h * (2 * dqk + 2 * dv) / t) + 4 * h / t
         # dots: q_a, kv_a, o_proj outputs; q_b (H·dqk) and kv_b (H·(nope + v)) outputs; plus the layer input
         return beta * (d + q_lat + m.kv_lora_rank + m.qk_rope_head_dim + d) \
             + beta * h * (dqk + m.qk_nope_head_dim + dv) / t
     hd, kv = cfg.head_dim, cfg.n_kv_heads
     if policy == "none":
-        return beta * 2 * d + beta * (2 * h * hd + 2 * kv * hd) / t + 4 * h / t
+        return _norm(2 * d, beta) + beta * 2 * d + beta * (2 * h * hd + 2 * kv * hd) / t + 4 * h / t
     return beta * (d + d) + beta * (h * hd + 2 * kv * hd) / t
 
 
@@ -56,16 +70,15 @@ def _mlp_bytes(cfg, moe_layer: bool, policy: str, t: int, beta: int, rows: float
     d = cfg.d_model
     if not moe_layer:
         f = cfg.mlp_dim
-        return beta * (2 * d + 4 * f / t) if policy == "none" else beta * (d + 2 * f / t)
+        return beta * SWIGLU_TENSORS * f / t if policy == "none" else beta * (d + 2 * f / t)
     m = cfg.moe
     k, e, s, fe = m.experts_per_token, m.n_routed_experts, m.n_shared_experts, m.mlp_dim
-    if m.impl == "dense":
-        copies = 1  # x enters once, the expert sum is inside the matmul
-    else:  # gathered rows in, expert rows out, the k rows gathered to combine; + send/receive buffers with EP
-        copies = 2 * rows + k + (2 * rows if expert > 1 else 0)
-    if policy == "none":
-        return beta * (2 * d + copies * d + (rows + s) * 4 * fe / t) + 8 * e
-    return beta * ((rows + 1) * d + (rows + s) * 2 * fe / t) + 4 * e
+    if policy != "none":
+        return beta * ((rows + 1) * d + (rows + s) * 2 * fe / t) + 4 * e
+    if m.impl == "dense":  # x enters once, the expert sum is inside the matmul
+        return beta * (d + (DENSE_MOE_TENSORS * rows + SWIGLU_TENSORS * s) * fe / t) + 8 * e
+    # the flat input, each expert row's input, the k rows gathered back to combine; fp32 router scores
+    return beta * ((1 + rows + k) * d + SWIGLU_TENSORS * (rows + s) * fe / t) + 8 * e
 
 
 def layer_activation_bytes(cfg, moe_layer: bool, policy: str, tensor: int = 1, tokens: float | None = None,
@@ -83,21 +96,41 @@ def layer_activation_bytes(cfg, moe_layer: bool, policy: str, tensor: int = 1, t
 
 def activation_bytes_per_token(cfg, tensor: int = 1, tokens: float | None = None,
                                expert: int = 1) -> dict[str, float]:
-    """{'layers', 'recompute_peak', 'head', 'mtp', 'total'}: activation bytes per token held by a device."""
+    """{'layers', 'backward', 'head', 'mtp', 'total'}: activation bytes per token held by a device at the peak.
+
+    'backward' is the working set on top of the kept activations while the backward runs through one layer:
+    the gradients of that layer's intermediates (the sizes of its remat='none' activations), and under
+    'block' the layer's recomputed activations as well; at least the fp32 gradient of the logits (4·V/t).
+    """
     policy = cfg.remat
     beta = BYTES[cfg.compute_dtype]
     kinds = list(cfg.is_moe_layer)
     kw = {"tokens": tokens, "expert": expert}
     layers = sum(layer_activation_bytes(cfg, m, policy, tensor, **kw) for m in kinds)
     mtp_moe = cfg.moe is not None and cfg.n_layers >= cfg.moe.first_k_dense
-    peak = 0.0
-    if policy == "block":  # during the backward one block is recomputed in full
-        peak = max(layer_activation_bytes(cfg, m, "none", tensor, **kw) for m in kinds + [mtp_moe][:cfg.mtp_depth])
-    head = beta * 2 * cfg.d_model + 4 * cfg.vocab_size / tensor
-    mtp = cfg.mtp_depth * (beta * 7 * cfg.d_model + layer_activation_bytes(cfg, mtp_moe, policy, tensor, **kw)
-                           + head)
-    return {"layers": layers, "recompute_peak": peak, "head": head, "mtp": mtp,
+    widest = max(layer_activation_bytes(cfg, m, "none", tensor, **kw) for m in kinds + [mtp_moe][:cfg.mtp_depth])
+    peak = max(widest, 4 * cfg.vocab_size / tensor) + (widest if policy == "block" else 0.0)
+    d = cfg.d_model
+    head = _norm(d, beta) + 4 * cfg.vocab_size / tensor  # final norm; exp(logits) kept for the softmax backward
+    # embedding of the shifted tokens, [e; h] concat, eh_proj output; enorm and hnorm; a block; its head
+    mtp = cfg.mtp_depth * (beta * 4 * d + _norm(2 * d, beta)
+                           + layer_activation_bytes(cfg, mtp_moe, policy, tensor, **kw) + head)
+    return {"layers": layers, "backward": peak, "head": head, "mtp": mtp,
             "total": layers + peak + head + mtp}
+
+
+def gathered_expert_bytes(cfg, sizes: dict[str, int]) -> float:
+    """Routed-expert weights kept for the backward after their FSDP gather, per device (bytes).
+
+    Under expert parallelism the sparse impls enter a shard_map with each device's E/ep experts whole
+    (model/expert_parallel.py): gate, up, down [E/ep, d, f_e] in the compute dtype. With remat='none' the
+    backward reuses these gathered copies (jax saves them as residuals); remat recomputes the gather instead.
+    """
+    ep = sizes.get("expert", 1)
+    if cfg.moe is None or cfg.moe.impl == "dense" or ep == 1 or cfg.remat != "none":
+        return 0.0
+    n_moe = sum(cfg.is_moe_layer) + cfg.mtp_depth
+    return n_moe * 3 * cfg.moe.n_routed_experts / ep * cfg.d_model * cfg.moe.mlp_dim * BYTES[cfg.compute_dtype]
 
 
 # ---- KV cache ------------------------------------------------------------------------------------------

@@ -32,26 +32,38 @@ axes; a -1 axis takes the rest):
   output and the fp32 log-sum-exp, no T×T residual) and no dropout. Head/MLP-sized terms are divided by the
   `tensor` axis size t.
 
-      remat='none'   attention  β·(2d + [MLA: 2·q_lora + 2·kv_lora + rope]) + β·(H + H_kv)·(d_qk+d_v)/t + 4H/t
-                                    (norm in/out, MLA latents pre/post norm, q and the attention output of H
-                                    heads, k and v of H_kv heads (H for MLA), fp32 log-sum-exp)
-                     dense MLP  β·(2d + 4f/t)                     (norm in/out, gate, up, silu(gate), product)
-                     MoE        β·(2d + c·d + (r+s)·4f_e/t) + 8E  (r expert rows per token, c row copies:
-                                    gathered in, expert out, k gathered to combine, + send/receive buffers under
-                                    expert parallelism; per-row gate/up/silu/product, shared experts s, fp32
-                                    router logits and scores)
+      remat='none'   what the code keeps (jax's saved residuals, counted per tensor in experiments/memory.py):
+                     every RMSNorm its fp32 normalised input and its output ((4 + β)·width), the residual
+                     stream β·2d;
+                     attention  MLA: β·(q_lora + kv_lora + 2·rope) (projection outputs) + β·H·(2·d_qk + 2·d_v)/t
+                                    (q, k, v, output) + 4H/t (fp32 log-sum-exp); GQA: β·(2H + 2H_kv)·hd/t + 4H/t
+                     dense MLP  β·6f/t  (SwiGLU: gate and up outputs, silu's input/sigmoid/output, the product)
+                     MoE        β·((1 + r + k)·d + 6·(r + s)·f_e/t) + 8E  (the flat input, r expert rows per
+                                    token in, the k rows gathered to combine; SwiGLU per row and per shared expert;
+                                    fp32 router scores). 'dense': β·(d + (8r + 6s)·f_e/t) + 8E (+ the repeated
+                                    gate weights and the gated product per row)
       remat='dots'   the layer input plus matmul outputs only (jax.checkpoint_policies.dots_saveable):
                      attention  β·(2d + [MLA: q_lora + kv_lora + rope]) + β·[MLA: H·(d_qk + d_nope + d_v) |
                                     GQA: (H + 2·H_kv)·hd]/t   (layer input, o_proj output, projection outputs)
                      dense MLP  β·(d + 2f/t);  MoE  β·((r+1)·d + (r+s)·2f_e/t) + 4E
-      remat='block'  β·d per layer (its input), plus one layer's 'none' activations live during its recompute.
+      remat='block'  β·d per layer (its input).
 
-  plus, outside the remat region, the head: β·2d + 4·V/t (fp32 logits kept for the cross-entropy backward),
-  and per MTP depth: β·7d + one block under the same policy + the same head. The MoE rows per token r come
-  from the config's `moe.impl` and `moe.capacity_factor` (`experiments.memory.moe_rows_per_token`): E for
-  'dense' (c = 1: x enters once), capacity_factor·k for 'capacity', k plus block padding for 'dropless' (E
-  under expert parallelism, whose exact buffers hold n slots per expert). Not counted: XLA temporaries,
-  fragmentation — keep headroom.
+  plus, outside the remat region, the head: (4 + β)·d + 4·V/t (final norm; fp32 exp(logits) kept for the
+  cross-entropy backward), and per MTP depth: β·4d + (4 + β)·2d + one block under the same policy + the same
+  head. On top, the backward's working set: the gradients of one layer's intermediates (the widest layer's
+  'none' bytes, at least the fp32 logits' gradient 4·V/t), and under 'block' that layer's recomputed
+  activations too. The MoE rows per token r come from the config's `moe.impl` and `moe.capacity_factor`
+  (`experiments.memory.moe_rows_per_token`): E for 'dense', capacity_factor·k for 'capacity', k plus block
+  padding for 'dropless' (E under expert parallelism, whose exact buffers hold n slots per expert).
+- gradient accumulator: with loss.micro_batches > 1 a second gradient tree (the scan's running sum beside the
+  micro-step's gradients, train/step.py).
+- gathered experts: under expert parallelism with a sparse impl and remat='none', each MoE layer's E/ep
+  experts' gate/up/down weights whole (gathered over fsdp on entry to the shard_map, kept for the backward).
+
+  Checked against XLA: tests/test_plan.py compiles a Trainer step of a tiny DeepSeek-V3 on 8 devices (data 2 ×
+  fsdp 2 × expert 2) for each impl and asserts the total within ±25 % of `memory_analysis()` argument + output
+  + temp − alias bytes. Not modelled: the optimizer update's temporaries (XLA fuses AdamW's elementwise update
+  into the donated buffers), collective staging buffers, fragmentation — keep headroom.
 - KV cache for decoding `decode_batch` sequences of `decode_len` tokens: per token per layer MLA caches
   kv_lora + rope numbers (the normalised latent and the shared RoPE key), GQA caches 2·kv_heads·head_dim,
   in the compute dtype. MTP modules are not cached (dropped at inference). Per device: the decode batch split
@@ -73,7 +85,8 @@ import math
 import sys
 
 from experiments.memory import BYTES as _BYTES
-from experiments.memory import activation_bytes_per_token, kv_cache_bytes_per_token  # noqa: F401  (re-exported)
+from experiments.memory import activation_bytes_per_token, gathered_expert_bytes  # noqa: F401  (re-exported)
+from experiments.memory import kv_cache_bytes_per_token  # noqa: F401  (re-exported)
 
 DEFAULT_GPU_FLOPS = 989e12  # H800/H100 SXM5 BF16 dense tensor-core peak
 DEFAULT_MFU = 0.40
@@ -188,7 +201,10 @@ def plan(exp, tokens: float | None = None, *, mfu: float = DEFAULT_MFU, gpu_flop
     ep = sizes.get("expert", 1)
     act = activation_bytes_per_token(cfg, tensor, tokens_dev, ep)
     a_bytes = act["total"] * tokens_dev
-    total = p_bytes + o_bytes + g_bytes + a_bytes
+    # micro-batch accumulation holds two gradient trees: the scan's running sum and this micro-step's gradients
+    acc_bytes = g_bytes if micro > 1 else 0.0
+    w_bytes = gathered_expert_bytes(cfg, sizes)
+    total = p_bytes + o_bytes + g_bytes + acc_bytes + w_bytes + a_bytes
     mem_cap = gpu_mem_gib * GIB
     dense_moe = None
     moe_impl = cfg.moe.impl if cfg.moe is not None else None
@@ -221,7 +237,8 @@ def plan(exp, tokens: float | None = None, *, mfu: float = DEFAULT_MFU, gpu_flop
                    "params_sharded_bytes": p_bytes - p_repl, "optimizer_bytes": o_bytes,
                    "optimizer_layout": f"AdamW 2 moments x {moment_bytes} B"
                                        + (" + fp32 master" if master_fp32 else ""),
-                   "gradients_bytes": g_bytes, "activations_bytes": a_bytes,
+                   "gradients_bytes": g_bytes, "grad_accumulator_bytes": acc_bytes,
+                   "gathered_expert_bytes": w_bytes, "activations_bytes": a_bytes,
                    "activations_per_token_bytes": act, "activations_dense_moe_bytes": dense_moe,
                    "moe_impl": moe_impl, "total_bytes": total, "device_bytes": mem_cap,
                    "fits": total <= mem_cap},
@@ -283,9 +300,13 @@ def format_plan(p: dict) -> str:
         (f"  parameters  {_gib(mem['params_bytes'])}   (of which replicated on every device: "
          f"{_gib(mem['params_replicated_bytes']).strip()})"),
         f"  optimizer   {_gib(mem['optimizer_bytes'])}   ({mem['optimizer_layout']}, sharded like the params)",
-        f"  gradients   {_gib(mem['gradients_bytes'])}",
+        f"  gradients   {_gib(mem['gradients_bytes'])}"
+        + (f"   (+ {_gib(mem['grad_accumulator_bytes']).strip()} micro-batch accumulator)"
+           if mem["grad_accumulator_bytes"] else ""),
+        *([f"  experts     {_gib(mem['gathered_expert_bytes'])}   (gathered expert weights kept for the backward)"]
+          if mem["gathered_expert_bytes"] else []),
         (f"  activations {_gib(mem['activations_bytes'])}   ({act['total'] / 1024:.1f} KiB/token: layers "
-         f"{act['layers'] / 1024:.1f}, recompute {act['recompute_peak'] / 1024:.1f}, head {act['head'] / 1024:.1f}, "
+         f"{act['layers'] / 1024:.1f}, backward {act['backward'] / 1024:.1f}, head {act['head'] / 1024:.1f}, "
          f"MTP {act['mtp'] / 1024:.1f}; MoE impl {mem['moe_impl']})"),
         f"  total       {_gib(mem['total_bytes'])}   of {_gib(mem['device_bytes']).strip()}: "
         + ("fits" if mem["fits"] else "DOES NOT FIT") + " (excl. XLA temporaries / comm buffers)",

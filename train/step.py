@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model import init_params, update_router_bias
 from model.config import ModelConfig
@@ -63,7 +63,12 @@ class Trainer:
     def state_from_params(self, params):
         with use_rules(self.mesh, self.rules):
             params = jax.device_put(params, self.param_sharding)
-            opt_state = jax.jit(lambda p: self.tx.init(split_trainable(p)[0]))(params)
+            init = lambda p: self.tx.init(split_trainable(p)[0])  # noqa: E731
+            # moments sharded like their parameters (jit would otherwise replicate them on every device)
+            opt_sharding = optax.tree_map_params(
+                self.tx, lambda _, sh: sh, jax.eval_shape(init, params), split_trainable(self.param_sharding)[0],
+                transform_non_params=lambda _: NamedSharding(self.mesh, P()))
+            opt_state = jax.jit(init, out_shardings=opt_sharding)(params)
             return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
     def state_shardings(self, state):
