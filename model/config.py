@@ -54,6 +54,18 @@ class RopeConfig:
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
 
+    def active(self, max_seq_len: int) -> "RopeConfig":
+        """The rope a run with context `max_seq_len` uses: YaRN only when the context exceeds
+        `original_max_position_embeddings`, else plain RoPE at the same theta.
+
+        As the reference DeepSeek-V3 model (inference/model.py: `if args.max_seq_len > args.original_seq_len`
+        gates both the frequency ramp and the softmax mscale): V3 pretrained at 4K without the extension (§4.3),
+        so a 4K run of the published config must not rotate with factor-40 frequencies.
+        """
+        if self.type == "yarn" and max_seq_len <= self.original_max_position_embeddings:
+            return RopeConfig(theta=self.theta)
+        return self
+
     def __post_init__(self):
         _check(self.theta > 0, "rope.theta", f"must be > 0, got {self.theta}")
         _check(self.type in ("default", "linear", "llama3", "yarn"), "rope.type",
@@ -238,7 +250,7 @@ class ModelConfig:
         """Softmax scale: 1/sqrt(qk head dim), times DeepSeek's YaRN mscale² for MLA."""
         qk = self.mla.qk_head_dim if self.mla else self.head_dim
         scale = qk ** -0.5
-        r = self.rope
+        r = self.rope.active(self.max_seq_len)
         if self.mla is not None and r.type == "yarn" and r.mscale_all_dim:
             m = yarn_mscale(r.factor, r.mscale_all_dim)
             scale *= m * m
@@ -254,6 +266,11 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 # ---- presets ---------------------------------------------------------------------------------------------
+
+# Presets meant for GPUs/TPUs: float32 master weights (AdamW's moments follow the parameter dtype, so they are
+# float32 too), bf16 matmuls; norms, RoPE, router, softmax, the head's output (preferred_element_type) and the
+# loss stay float32. CPU presets (tiny_deepseek, small_qwen2) compute in float32: bf16 is not faster there.
+ACCELERATOR_PRECISION = {"param_dtype": "float32", "compute_dtype": "bfloat16"}
 
 def tiny_deepseek(**overrides) -> ModelConfig:
     """The faithful tiny DeepSeek-V3 of algorithms.md §3: MLA + DeepSeekMoE + MTP, ~1.8M parameters."""
@@ -274,20 +291,30 @@ def small_qwen2(**overrides) -> ModelConfig:
     return dataclasses.replace(base, **overrides)
 
 
-def deepseek_v3_671b() -> ModelConfig:
-    """DeepSeek-V3 as published (config_671B / the Hub config.json)."""
-    return ModelConfig(
+def deepseek_v3_671b(**overrides) -> ModelConfig:
+    """DeepSeek-V3 as published (config_671B / the Hub config.json), with accelerator precision.
+
+    max_seq_len 163840 is the extended context, where YaRN (factor 40) is active; a pretraining run at 4K
+    passes max_seq_len=4096, which turns YaRN off as in the reference (`RopeConfig.active`).
+    Precision: float32 master parameters (and so float32 AdamW moments), bf16 compute, float32 logits and
+    loss. With bf16 parameters an update below half a bf16 ulp (relative 2^-9 ~ 2e-3; lr 2.2e-5 against
+    weights ~0.006 is ~4e-3 of one ulp step) rounds away and the weight never moves.
+    """
+    base = ModelConfig(
         vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, mlp_dim=18432,
         mla=MLAConfig(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
         moe=MoEConfig(n_routed_experts=256, n_shared_experts=1, experts_per_token=8, mlp_dim=2048, first_k_dense=3,
                       n_groups=8, topk_groups=4, routed_scaling_factor=2.5),
         rope=RopeConfig(theta=10000.0, type="yarn", factor=40.0, original_max_position_embeddings=4096,
                         beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
-        mtp_depth=1, init_std=0.006, max_seq_len=163840, param_dtype="bfloat16", compute_dtype="bfloat16",
+        mtp_depth=1, init_std=0.006, max_seq_len=163840, **ACCELERATOR_PRECISION,
     )
+    return dataclasses.replace(base, **overrides)
 
 
-def qwen2_5_0_5b() -> ModelConfig:
-    """Qwen2.5-0.5B as published."""
-    return ModelConfig(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
-                       mlp_dim=4864, qkv_bias=True, tie_embeddings=True, rope=RopeConfig(theta=1e6), max_seq_len=32768)
+def qwen2_5_0_5b(**overrides) -> ModelConfig:
+    """Qwen2.5-0.5B as published, with accelerator precision (float32 masters, bf16 compute)."""
+    base = ModelConfig(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
+                       mlp_dim=4864, qkv_bias=True, tie_embeddings=True, rope=RopeConfig(theta=1e6), max_seq_len=32768,
+                       **ACCELERATOR_PRECISION)
+    return dataclasses.replace(base, **overrides)

@@ -86,7 +86,7 @@ class MLP(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding. embedding: [vocab, d_model]; `attend` gives tied logits."""
+    """Token embedding. embedding: [vocab, d_model] (tied logits: `Transformer.head`)."""
 
     def __init__(self, cfg: ModelConfig, rngs: KeyGen):
         self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std,
@@ -94,6 +94,3 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens, dtype):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
-
-    def attend(self, x):
-        return x @ self.embedding[...].astype(x.dtype).T

@@ -57,7 +57,12 @@ def inv_frequencies(rope: RopeConfig, dim: int, max_position_embeddings: int) ->
 
 
 def rope_tables(rope: RopeConfig, dim: int, max_pos: int, positions):
-    """cos, sin for integer positions [batch, seq] -> each [batch, seq, dim] float32 (halves repeated)."""
+    """cos, sin for integer positions [batch, seq] -> each [batch, seq, dim] float32 (halves repeated).
+
+    max_pos is the run's context (ModelConfig.max_seq_len): YaRN applies only beyond the original context
+    (`RopeConfig.active`, as the reference DeepSeek-V3); `inv_frequencies` itself always scales, as HF does.
+    """
+    rope = rope.active(max_pos)
     inv, factor = inv_frequencies(rope, dim, max_pos)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
     angles = jnp.concatenate([angles, angles], axis=-1)

@@ -43,12 +43,12 @@ class Block(nnx.Module):
         self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, cfg.mlp_dim, rngs)
         self.is_moe = moe
 
-    def __call__(self, x, rope, mask_info, cache=None):
+    def __call__(self, x, rope, mask_info, cache=None, routing=None):
         a, cache = self.self_attn(self.input_layernorm(x), rope, mask_info, cache)
         x = x + a
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            m, stats = self.mlp(h)
+            m, stats = self.mlp(h, routing)
         else:
             m, stats = self.mlp(h), None
         return x + m, cache, stats
@@ -76,11 +76,15 @@ class Transformer(nnx.Module):
         self.mtp = nnx.List([MTPModule(cfg, cfg.n_layers + k, rngs) for k in range(cfg.mtp_depth)])
 
     def head(self, h):
-        """h [batch, seq, d] (already normed) -> float32 logits [batch, seq, vocab]."""
-        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits.astype(jnp.float32)
+        """h [batch, seq, d] (already normed) -> float32 logits [batch, seq, vocab].
 
-    def __call__(self, tokens, positions, segment_ids, cache, with_mtp):
+        The matmul runs in the compute dtype but accumulates and returns float32 (preferred_element_type):
+        bf16 logits would round every logit to 8 bits of mantissa (±0.06 at |logit| 16) before the softmax.
+        """
+        w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.matmul(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions, segment_ids, cache, with_mtp, routing=None):
         cfg = self.cfg
         b, t = tokens.shape
         dt = dtype_of(cfg.compute_dtype)
@@ -100,24 +104,27 @@ class Transformer(nnx.Module):
         mask_info = {"mask": mask, "index": index, "segment_ids": segment_ids}
         rope = rope_tables(cfg.rope, cfg.rope_dim, cfg.max_seq_len, positions)
 
-        def run(layer, x, layer_cache):
-            return layer(x, rope, mask_info, layer_cache)
+        def run(layer, x, layer_cache, replay=None):
+            return layer(x, rope, mask_info, layer_cache, replay)
 
         if cfg.remat != "none" and cache is None:
-            def run(layer, x, layer_cache):  # functional split/merge: jax.checkpoint sees only arrays
+            def run(layer, x, layer_cache, replay=None):  # functional split/merge: jax.checkpoint sees only arrays
                 gdef, state = nnx.split(layer)
-                block = jax.checkpoint(lambda st, h: nnx.merge(gdef, st)(h, rope, mask_info, None),
+                block = jax.checkpoint(lambda st, h, r: nnx.merge(gdef, st)(h, rope, mask_info, None, r),
                                        policy=_REMAT_POLICIES[cfg.remat])
-                return block(state, x)
+                return block(state, x, replay)
         x = constrain(self.embed_tokens(tokens, dt), _ACT)
         stats, new_layers = [], []
+        moe_layers = [i for i, layer in enumerate(self.layers) if layer.is_moe]
         for i, layer in enumerate(self.layers):
-            x, c, s = run(layer, x, None if cache is None else cache["layers"][i])
+            replay = None if routing is None or not layer.is_moe else routing[:, :, moe_layers.index(i)]
+            x, c, s = run(layer, x, None if cache is None else cache["layers"][i], replay)
             x = constrain(x, _ACT)
             new_layers.append(c)
             if s is not None:
                 stats.append(s)
         logits = self.head(self.norm(x))
+        chosen = [s["routing"] for s in stats]  # the main layers' (MTP modules are not replayed)
 
         mtp_logits = []
         if with_mtp and cache is None:
@@ -136,6 +143,8 @@ class Transformer(nnx.Module):
             aux["expert_load"] = jnp.stack([s["load"] for s in stats])
             aux["balance_loss"] = sum(s["balance_loss"] for s in stats) / len(stats)
             aux["moe_dropped"] = jnp.stack([s["dropped"] for s in stats])
+        if chosen:
+            aux["routing"] = jnp.stack(chosen, axis=2)
         if mtp_logits:
             aux["mtp_logits"] = jnp.stack(mtp_logits)
         new_cache = None
@@ -163,7 +172,7 @@ def abstract_params(cfg: ModelConfig) -> nnx.State:
 
 
 def forward(cfg: ModelConfig, params: nnx.State, tokens, positions=None, cache=None, *, segment_ids=None,
-            with_mtp: bool = True):
+            with_mtp: bool = True, routing=None):
     """The model as a pure function.
 
     tokens int32 [batch, seq]; positions int32 [batch, seq] (default 0..seq-1, or continuing the cache;
@@ -171,10 +180,13 @@ def forward(cfg: ModelConfig, params: nnx.State, tokens, positions=None, cache=N
     Returns (logits float32 [batch, seq, vocab], cache or None, aux) where aux may hold
     'expert_load' [n_moe_layers, E], 'balance_loss' [] (mean over MoE layers, unweighted),
     'moe_dropped' [n_moe_layers] ((token, expert) pairs dropped by moe.impl='capacity'; 0 otherwise) and
-    'mtp_logits' [mtp_depth, batch, seq, vocab] (depth k at position i predicts token i+k+1).
+    'mtp_logits' [mtp_depth, batch, seq, vocab] (depth k at position i predicts token i+k+1) and
+    'routing' int32 [batch, seq, n_moe_layers, k] (the experts each token chose in each MoE layer of the main stack).
+    `routing` (that layout) replays given experts instead of choosing them (GRPO's keep_routing: the trainer runs
+    the experts the sampler ran); gate weights are still computed from the router, so it keeps learning.
     """
     model = nnx.merge(graphdef(cfg), params)
-    return model(tokens, positions, segment_ids, cache, with_mtp)
+    return model(tokens, positions, segment_ids, cache, with_mtp, routing)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
