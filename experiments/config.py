@@ -138,6 +138,8 @@ class RLExperiment(RunConfig):
     def __post_init__(self):
         if self.reward_weights and len(self.reward_weights) != len(self.reward_names):
             raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_names)} rewards")
+        if self.grpo.keep_routing and self.model.moe is None:
+            raise ValueError("grpo.keep_routing: the model has no MoE layers (model.moe is None): nothing to replay")
         if not isinstance(self.task, Task):
             raise ValueError(f"task: must be a rl.tasks.Task, got {type(self.task).__name__}")
         if self.base is not None and (self.base.model, self.base.mesh) != (self.model, self.mesh):

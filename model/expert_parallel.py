@@ -62,8 +62,9 @@ def active_plan(moe, batch: int) -> EPPlan | None:
     return EPPlan(mesh, batch_axes, axis, mesh.shape[axis])
 
 
-def moe_forward(module, x, plan: EPPlan):
-    """Routed experts of `module` (a model.moe.MoE) over all-to-all. x [b, t, d] -> (y [b, t, d], stats)."""
+def moe_forward(module, x, plan: EPPlan, routing=None):
+    """Routed experts of `module` (a model.moe.MoE) over all-to-all. x [b, t, d] (routing [b, t, k] to replay)
+    -> (y [b, t, d], stats)."""
     from model.moe import route_tokens
 
     moe = module.cfg.moe
@@ -72,11 +73,11 @@ def moe_forward(module, x, plan: EPPlan):
     gate, up, down = module.expert_weights(x.dtype)
     axes = plan.batch_axes
 
-    def local(xl, kernel, bias, gate, up, down):
+    def local(xl, kernel, bias, gate, up, down, replay):
         bl = xl.shape[0]
         n = bl * t
         flat = xl.reshape(n, d)
-        w, idx, stats = route_tokens(flat, kernel, bias, moe, bl)
+        w, idx, stats = route_tokens(flat, kernel, bias, moe, bl, None if replay is None else replay.reshape(n, -1))
         cap = moe.capacity(n) if moe.impl == "capacity" else n
         slot_token, pair_slot, dropped = dispatch.capacity_layout(idx, e, cap)
         send = dispatch.gather_rows(flat, slot_token).reshape(ep, e // ep, cap, d)
@@ -87,10 +88,12 @@ def moe_forward(module, x, plan: EPPlan):
         y = dispatch.combine(back.reshape(e * cap, d), pair_slot, w)
         load = jax.lax.psum(stats["load"], axes)
         bal = jax.lax.psum(stats["balance_loss"] * bl, axes) / b
-        return y.reshape(bl, t, d), load, bal, jax.lax.psum(dropped.astype(jnp.float32), axes)
+        return (y.reshape(bl, t, d), load, bal, jax.lax.psum(dropped.astype(jnp.float32), axes),
+                stats["own"].reshape(bl, t, -1))
 
     wspec = P(plan.axis)
-    y, load, bal, dropped = jax.shard_map(
-        local, mesh=plan.mesh, in_specs=(P(axes), P(), P(), wspec, wspec, wspec),
-        out_specs=(P(axes), P(), P(), P()))(x, module.gate.kernel[...], module.gate.bias[...], gate, up, down)
-    return y, {"load": load, "balance_loss": bal, "dropped": dropped}
+    y, load, bal, dropped, idx = jax.shard_map(
+        local, mesh=plan.mesh, in_specs=(P(axes), P(), P(), wspec, wspec, wspec, P(axes)),
+        out_specs=(P(axes), P(), P(), P(), P(axes)))(x, module.gate.kernel[...], module.gate.bias[...], gate, up,
+                                                     down, routing)
+    return y, {"load": load, "balance_loss": bal, "dropped": dropped, "routing": idx}

@@ -31,15 +31,19 @@ class RouterBias(nnx.Variable):
     """Aux-loss-free load-balancing bias [n_experts]; not trainable."""
 
 
-def route(scores_logits, bias, moe):
+def route(scores_logits, bias, moe, idx=None):
     """Expert choice for tokens.
 
     scores_logits [n, E] float32, bias [E] -> (weights [n, k], indices [n, k], scores [n, E]).
+    `idx` int32 [n, k] replays a given choice (routing replay: the experts the sampler used); the gate weights are
+    still computed from these scores, so the router keeps learning.
     """
     if moe.score_func == "sigmoid":
         scores = jax.nn.sigmoid(scores_logits)
     else:
         scores = jax.nn.softmax(scores_logits, axis=-1)
+    if idx is not None:
+        return _gate_weights(scores, idx, moe), idx.astype(jnp.int32), scores
     choice = scores + bias
     n, e = choice.shape
     if moe.n_groups > 1:
@@ -52,10 +56,14 @@ def route(scores_logits, bias, moe):
         keep = jnp.zeros((n, moe.n_groups), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
         choice = jnp.where(jnp.repeat(keep, e // moe.n_groups, axis=1), choice, -jnp.inf)
     _, idx = jax.lax.top_k(choice, moe.experts_per_token)
+    return _gate_weights(scores, idx, moe), idx, scores
+
+
+def _gate_weights(scores, idx, moe):
     w = jnp.take_along_axis(scores, idx, axis=-1)
     if moe.norm_topk_prob:
         w = w / (w.sum(-1, keepdims=True) + 1e-20)
-    return w * moe.routed_scaling_factor, idx, scores
+    return w * moe.routed_scaling_factor
 
 
 def balance_loss(scores, idx, n_experts, k, batch):
@@ -71,14 +79,17 @@ def balance_loss(scores, idx, n_experts, k, batch):
     return jnp.mean(jnp.sum(f * p, axis=-1))
 
 
-def route_tokens(flat, kernel, bias, moe, batch: int):
-    """flat [n, d] (n = batch·seq), router kernel [d, E], bias [E] -> (weights [n, k], idx [n, k],
-    stats {'load' [E] float32: pairs per expert, 'balance_loss' []: mean over the `batch` sequences})."""
+def route_tokens(flat, kernel, bias, moe, batch: int, idx=None):
+    """flat [n, d] (n = batch·seq), router kernel [d, E], bias [E] (idx [n, k] to replay) -> (weights [n, k],
+    idx [n, k] (the experts that run), stats {'load' [E] float32: pairs per expert, 'own' [n, k]: the router's own
+    choice (= idx unless replayed), 'balance_loss' []: mean over the `batch` sequences})."""
     logits = flat.astype(jnp.float32) @ kernel.astype(jnp.float32)
-    w, idx, scores = route(logits, bias, moe)
-    load = jnp.zeros((moe.n_routed_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
-    return w, idx, {"load": load,
-                    "balance_loss": balance_loss(scores, idx, moe.n_routed_experts, moe.experts_per_token, batch)}
+    w, used, scores = route(logits, bias, moe, idx)
+    # 'own' is the router's own choice even under replay: what the sampler and the trainer may disagree on
+    own = used if idx is None else route(logits, bias, moe)[1]
+    load = jnp.zeros((moe.n_routed_experts,), jnp.float32).at[used.reshape(-1)].add(1.0)
+    return w, used, {"load": load, "own": own,
+                     "balance_loss": balance_loss(scores, used, moe.n_routed_experts, moe.experts_per_token, batch)}
 
 
 class Router(nnx.Module):
@@ -120,16 +131,17 @@ class MoE(nnx.Module):
         n_shared = cfg.moe.n_shared_experts
         self.shared_experts = MLP(cfg, cfg.moe.mlp_dim * n_shared, rngs) if n_shared else None
 
-    def __call__(self, x):
-        """x [batch, seq, d_model] -> (y [batch, seq, d_model],
-        stats {'load' [E], 'balance_loss' [], 'dropped' [] (pairs dropped by 'capacity', float32)})."""
+    def __call__(self, x, routing=None):
+        """x [batch, seq, d_model] (routing int32 [batch, seq, k]: experts to replay) -> (y [batch, seq, d_model],
+        stats {'load' [E], 'balance_loss' [], 'dropped' [] (pairs dropped by 'capacity', float32),
+        'routing' int32 [batch, seq, k]: the experts the router chose (under replay: would have chosen)})."""
         from model import expert_parallel  # imports sharding; kept out of module import order
 
         plan = expert_parallel.active_plan(self.cfg.moe, x.shape[0])
         if plan is not None:
-            y, stats = expert_parallel.moe_forward(self, x, plan)
+            y, stats = expert_parallel.moe_forward(self, x, plan, routing)
         else:
-            y, stats = self.routed(x)
+            y, stats = self.routed(x, routing)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y, stats
@@ -137,12 +149,13 @@ class MoE(nnx.Module):
     def expert_weights(self, dt):
         return tuple(p[...].astype(dt) for p in (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj))
 
-    def routed(self, x):
+    def routed(self, x, routing=None):
         """Routed experts on the tokens this program holds (one device, or GSPMD): x [b, t, d] -> (y, stats)."""
         moe = self.cfg.moe
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        w, idx, stats = route_tokens(flat, self.gate.kernel[...], self.gate.bias[...], moe, b)
+        replay = None if routing is None else routing.reshape(b * t, -1)
+        w, idx, stats = route_tokens(flat, self.gate.kernel[...], self.gate.bias[...], moe, b, replay)
         dropped = jnp.zeros((), jnp.float32)
         if moe.impl == "dense":
             gates = jnp.einsum("nk,nke->ne", w, jax.nn.one_hot(idx, moe.n_routed_experts, dtype=jnp.float32))
@@ -152,7 +165,8 @@ class MoE(nnx.Module):
             dropped = n_drop.astype(jnp.float32)
         else:
             y = dispatch.dropless_moe(flat, w, idx, *self.expert_weights(x.dtype))
-        return y.reshape(b, t, d), {**stats, "dropped": dropped}
+        own = stats.pop("own")
+        return y.reshape(b, t, d), {**stats, "dropped": dropped, "routing": own.reshape(b, t, -1)}
 
 
 def bias_update(bias, load, rate):

@@ -54,6 +54,7 @@ class GRPOConfig:
     beta: float = 0.0  # KL weight; 0 needs no reference model
     kl_estimator: str = "k3"  # 'k3' | 'k3_unbiased' (k3 × π_θ/π_old, DeepSeek-V3.2)
     off_policy_mask_delta: float | None = None  # V3.2's off-policy sequence mask δ; None = off
+    keep_routing: bool = False  # V3.2's Keep Routing: the trainer replays the experts the sampler chose (MoE)
     ref_reset_every: int = 0  # reset the reference to the policy every K steps (R1: 400); 0 = never
     log_kl: bool = False  # with beta = 0, still keep the reference and report KL to it (one more scoring pass)
     num_iterations: int = 1  # μ: passes over each rollout batch

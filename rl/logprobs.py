@@ -23,14 +23,17 @@ def rollout_inputs(prompts, prompt_lens, completions):
 
 
 def completion_logprobs(cfg, params, prompts, prompt_lens, completions, temperature: float = 1.0,
-                        with_entropy: bool = False):
+                        with_entropy: bool = False, routing=None):
     """log π(completion_t | prompt, completion_<t) at `temperature`: [batch, N] (and entropy [batch, N]).
 
-    Routing statistics come back too (aux['expert_load'] [n_moe_layers, E]) for MoE logging.
+    Routing statistics come back too (aux['expert_load'] [n_moe_layers, E], aux['routing'] [batch, P+N-1,
+    n_moe_layers, k]) for MoE logging. `routing` int32 [batch, P+N, n_moe_layers, k] (the sampler's,
+    `SampleOutput.routing`) replays the experts the sample was drawn with.
     """
     p = prompts.shape[1]
     tokens, positions = rollout_inputs(prompts, prompt_lens, completions)
-    logits, _, aux = forward(cfg, params, tokens[:, :-1], positions[:, :-1], with_mtp=False)
+    replay = None if routing is None else routing[:, :-1]
+    logits, _, aux = forward(cfg, params, tokens[:, :-1], positions[:, :-1], with_mtp=False, routing=replay)
     logits = logits[:, p - 1:].astype(jnp.float32) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_all, completions[..., None].astype(jnp.int32), axis=-1)[..., 0]

@@ -78,8 +78,10 @@ class GRPO:
     # ---- the objective, inside the jitted train step ----------------------------------------------------------
     def _loss(self, params, batch, denominator, n_micro):
         g = self.exp.grpo
+        routing = batch.get("routing")  # the sampler's experts (MoE models)
         logp, entropy, aux = completion_logprobs(self.exp.model, params, batch["prompts"], batch["prompt_lens"],
-                                                 batch["completions"], g.sampling.temperature, with_entropy=True)
+                                                 batch["completions"], g.sampling.temperature, with_entropy=True,
+                                                 routing=routing if g.keep_routing else None)
         # π_old = π_θ on the first mini-batch after sampling: exactly ratio 1 there
         old = jnp.where(batch["first"][:, None] > 0, jax.lax.stop_gradient(logp), batch["old_logp"])
         loss, metrics = policy_objective(g, logp, old, batch.get("ref_logp"), batch["adv"], batch["loss_mask"])
@@ -88,6 +90,9 @@ class GRPO:
         # update) their log-probs of the sampled tokens differ only by numerics (logged as `logprob_mismatch`)
         metrics["logprob_mismatch"] = token_mean(jnp.abs(jax.lax.stop_gradient(logp) - batch["sampler_logp"]),
                                                  batch["loss_mask"])
+        if routing is not None:
+            metrics["router_disagreement"] = router_disagreement(routing, aux["routing"], batch["prompts"].shape[1],
+                                                                 batch["loss_mask"])
         return loss, metrics, aux.get("expert_load")
 
     # ---- rollouts -----------------------------------------------------------------------------------------------
@@ -96,7 +101,7 @@ class GRPO:
         recs = self.source.take(g.prompts_per_step)
         out = rollout(self.exp.model, params, [r["prompt_text"] for r in recs], g.sampling, self.tok, rng=rng,
                       repeat=g.num_generations, max_prompt_len=self.exp.max_prompt_len, mesh=self.mesh,
-                      rules=self.trainer.rules)
+                      rules=self.trainer.rules, with_routing=self.exp.model.moe is not None)
         fields = {k: [r.get(k) for r in recs for _ in range(g.num_generations)] for k in recs[0]}
         total, parts = self.reward(out.texts, **fields)
         rewards = np.asarray(total, np.float32)
@@ -112,7 +117,8 @@ class GRPO:
         return {"prompts": out.prompts, "prompt_lens": out.prompt_lens, "completions": out.tokens,
                 "logprobs": out.logprobs, "lengths": out.lengths, "truncated": out.truncated, "rewards": rewards,
                 "correct": np.asarray(correct, np.float32),
-                "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": out.texts}
+                "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": out.texts,
+                **({"routing": out.routing} if out.routing is not None else {})}
 
     def rollout(self, params, rng):
         """A full rollout batch; with dynamic sampling, groups with equal rewards are replaced while possible."""
@@ -147,7 +153,8 @@ class GRPO:
             mask *= ~roll["truncated"][:, None]
         batch = {"prompts": roll["prompts"], "prompt_lens": roll["prompt_lens"], "completions": roll["completions"],
                  "adv": adv.astype(np.float32), "loss_mask": mask, "first": np.zeros(self.batch, np.float32),
-                 "sampler_logp": np.asarray(roll["logprobs"], np.float32)}
+                 "sampler_logp": np.asarray(roll["logprobs"], np.float32),
+                 **({"routing": roll["routing"]} if "routing" in roll else {})}
         args = (roll["prompts"], roll["prompt_lens"], roll["completions"])
         t1 = time.perf_counter()
         needs_old = g.num_iterations > 1 or g.mini_batches > 1
@@ -189,6 +196,7 @@ class GRPO:
             "clip_frac_low": float(np.mean([u["clip_frac_low"] for u in updates])),
             "clip_frac_high": float(np.mean([u["clip_frac_high"] for u in updates])),
             "logprob_mismatch": float(first["logprob_mismatch"]),
+            **({"router_disagreement": float(first["router_disagreement"])} if "router_disagreement" in first else {}),
             **({"off_policy_masked_frac": float(np.mean([u["off_policy_masked_frac"] for u in updates]))}
                if "off_policy_masked_frac" in first else {}),
             "first_ratio_mean": float(first["ratio_mean"]), "first_clip_frac": float(first["clip_frac_low"] +
@@ -203,6 +211,18 @@ class GRPO:
         return state, rng, metrics, roll
 
 
+def router_disagreement(sampled, trained, p: int, mask):
+    """Fraction of (completion token, MoE layer) pairs whose expert SET differs between the sampler's forward and the
+    trainer's. sampled [B, P+N, L, k], trained [B, P+N-1, L, k] (the router's own choice), mask [B, N]: completion
+    token i is an input to the forward (and counted) iff token i+1 was generated."""
+    n = mask.shape[1]
+    a = jnp.sort(sampled[:, p:p + n - 1], axis=-1)
+    b = jnp.sort(trained[:, p:p + n - 1], axis=-1)
+    differ = jnp.any(a != b, axis=-1).astype(jnp.float32)  # [B, N-1, L]
+    valid = mask[:, 1:, None]
+    return jnp.sum(differ * valid) / jnp.maximum(jnp.sum(valid) * differ.shape[-1], 1.0)
+
+
 def _zero_std(rewards, g):
     r = rewards.reshape(-1, g)
     return np.all(r == r[:, :1], axis=1)
@@ -210,8 +230,10 @@ def _zero_std(rewards, g):
 
 def _copy_group(dst, src, slot, donor, g):
     a, b = slice(slot * g, (slot + 1) * g), slice(donor * g, (donor + 1) * g)
-    for key in ("prompts", "prompt_lens", "completions", "logprobs", "lengths", "truncated", "rewards", "correct"):
-        dst[key][a] = src[key][b]
+    for key in ("prompts", "prompt_lens", "completions", "logprobs", "lengths", "truncated", "rewards", "correct",
+                "routing"):
+        if key in dst:
+            dst[key][a] = src[key][b]
     for key in dst["parts"]:
         dst["parts"][key][a] = src["parts"][key][b]
     dst["texts"][a] = src["texts"][b]

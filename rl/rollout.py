@@ -67,6 +67,7 @@ class Rollout:
     truncated: np.ndarray  # bool [rows]
     texts: list[str]  # the completions as scored
     answers: list[str | None]  # extracted answers
+    routing: np.ndarray | None = None  # with_routing: int32 [rows, P + max_new_tokens, n_moe_layers, k]
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], width: int, bos: bool = True):
@@ -93,13 +94,14 @@ def _batch_multiple(mesh, rules) -> int:
 
 def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokenizer, *, rng=None, repeat: int = 1,
             max_prompt_len: int | None = None, batch_size: int | None = None, mesh=None, rules=None,
-            extract: Callable[[Any], str | None] = extract_answer) -> Rollout:
+            extract: Callable[[Any], str | None] = extract_answer, with_routing: bool = False) -> Rollout:
     """`repeat` samples of each rendered prompt in `prompt_texts`.
 
     Prompts are right-padded to `max_prompt_len` tokens (default: the longest; longer ones keep their end). Rows go
     through `rl.sampler.generate` `batch_size` at a time (default all at once), the last call padded so every call
     has one shape and compiles once; with `mesh`, the call size is rounded up to a multiple of the data-parallel
-    size. `rng` (default key 0) is folded with the call index when there are several calls.
+    size. `rng` (default key 0) is folded with the call index when there are several calls. `with_routing` (MoE)
+    keeps the experts every token chose (`rl.sampler.SampleOutput.routing`).
     """
     texts = list(prompt_texts)
     if not texts:
@@ -125,10 +127,11 @@ def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokeni
         out = to_host(generate(cfg, params, prompts[idx], lens[idx], sampling.max_new_tokens,
                                       sampling.temperature, key, top_k=sampling.top_k, top_p=sampling.top_p,
                                       greedy=sampling.greedy, eos_id=tokenizer.eos_id, stop_sequences=stop,
-                                      pad_id=pad, vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules))
+                                      pad_id=pad, vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules,
+                                      with_routing=with_routing))
         take = min(bs, n_rows - start)
-        parts.append([np.asarray(x)[:take] for x in out])
-    tokens, logprobs, lengths, truncated = (np.concatenate(x) for x in zip(*parts))
+        parts.append([np.asarray(x)[:take] for x in out if x is not None])
+    tokens, logprobs, lengths, truncated, *routing = (np.concatenate(x) for x in zip(*parts))
     eos = tokenizer.eos_id
     prefix = [sampling.think_prefix if sampling.think_prefix and t.rstrip().endswith(sampling.think_prefix) else ""
               for t in texts]
@@ -137,4 +140,5 @@ def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokeni
     # np.array copies: device_get's arrays are read-only, and dynamic sampling overwrites groups in place
     return Rollout(prompts=np.array(prompts[rows]), prompt_lens=np.array(lens[rows]), tokens=np.array(tokens),
                    logprobs=np.array(logprobs, np.float32), lengths=np.array(lengths),
-                   truncated=np.array(truncated), texts=decoded, answers=[extract(c) for c in decoded])
+                   truncated=np.array(truncated), texts=decoded, answers=[extract(c) for c in decoded],
+                   routing=np.array(routing[0]) if routing else None)

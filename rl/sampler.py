@@ -33,6 +33,9 @@ class SampleOutput(NamedTuple):
     logprobs: jax.Array  # float32 [batch, max_new_tokens], 0 after the end
     lengths: jax.Array  # int32 [batch], generated tokens including EOS / the stop sequence
     truncated: jax.Array  # bool [batch], True if max_new_tokens ran out first
+    # with_routing (MoE): int32 [batch, P + max_new_tokens, n_moe_layers, k], the experts each input token chose,
+    # laid out as the teacher-forced pass sees its inputs: [left-aligned prompt | completion]
+    routing: jax.Array | None = None
 
 
 def left_align(prompts, prompt_lens):
@@ -72,14 +75,15 @@ def _ends_with(history, i, seq):
     return (i + 1 >= n) & jnp.all(got == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
 
 
-def prefill(cfg, params, prompts, prompt_lens, max_new_tokens: int):
+def prefill(cfg, params, prompts, prompt_lens, max_new_tokens: int, with_aux: bool = False):
     """Left-align right-padded prompts int32 [batch, P], run one forward over them into a fresh cache sized for
-    P + max_new_tokens. Returns (float32 logits of the last position [batch, vocab], cache)."""
+    P + max_new_tokens. Returns (float32 logits of the last position [batch, vocab], cache) (and the forward's
+    aux with `with_aux`)."""
     b, p = prompts.shape
     tokens, positions = left_align(prompts, prompt_lens)
     cache = init_cache(cfg, b, p + max_new_tokens)
-    logits, cache, _ = forward(cfg, params, tokens, positions, cache, with_mtp=False)
-    return logits[:, -1].astype(jnp.float32), cache
+    logits, cache, aux = forward(cfg, params, tokens, positions, cache, with_mtp=False)
+    return (logits[:, -1].astype(jnp.float32), cache) + ((aux,) if with_aux else ())
 
 
 def sample_token(last, key, *, temperature: float, top_k: int, top_p: float, greedy: bool, vocab_limit):
@@ -94,28 +98,34 @@ def sample_token(last, key, *, temperature: float, top_k: int, top_p: float, gre
     return tok.astype(jnp.int32), lp
 
 
-def decode_step(cfg, params, tok, positions, cache):
-    """One cached forward of tokens int32 [batch] at positions int32 [batch]: (float32 next logits, cache)."""
-    logits, cache, _ = forward(cfg, params, tok[:, None], positions[:, None].astype(jnp.int32), cache,
-                               with_mtp=False)
-    return logits[:, -1].astype(jnp.float32), cache
+def decode_step(cfg, params, tok, positions, cache, with_aux: bool = False):
+    """One cached forward of tokens int32 [batch] at positions int32 [batch]: (float32 next logits, cache) (and
+    the forward's aux with `with_aux`)."""
+    logits, cache, aux = forward(cfg, params, tok[:, None], positions[:, None].astype(jnp.int32), cache,
+                                 with_mtp=False)
+    return (logits[:, -1].astype(jnp.float32), cache) + ((aux,) if with_aux else ())
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
-                                   "eos_id", "stop_sequences", "pad_id", "vocab_limit"))
+                                   "eos_id", "stop_sequences", "pad_id", "vocab_limit", "with_routing"))
 def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, temperature, top_k, top_p, greedy,
-              eos_id, stop_sequences, pad_id, vocab_limit):
-    b = prompts.shape[0]
-    last, cache = prefill(cfg, params, prompts, prompt_lens, max_new_tokens)
+              eos_id, stop_sequences, pad_id, vocab_limit, with_routing=False):
+    b, p = prompts.shape
+    last, cache, aux = prefill(cfg, params, prompts, prompt_lens, max_new_tokens, with_aux=True)
+    if with_routing:  # the prompt's experts from prefill, each generated token's from its decode step
+        routing = jnp.zeros((b, p + max_new_tokens) + aux["routing"].shape[2:], jnp.int32)
+        routing = routing.at[:, :p].set(aux["routing"])
+    else:
+        routing = jnp.zeros((), jnp.int32)
     draw = partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                    vocab_limit=vocab_limit)
 
     def cond(carry):
-        i, _, _, _, _, done, _, _ = carry
+        i, _, _, _, _, done, _, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, last, cache, out_tok, out_lp, done, lengths, rng = carry
+        i, last, cache, out_tok, out_lp, done, lengths, rng, routing = carry
         rng, key = jax.random.split(rng)
         tok, lp = draw(last, key)
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
@@ -128,19 +138,22 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
         for seq in stop_sequences:
             finished = finished | _ends_with(out_tok, i, seq)
         done = done | finished
-        last, cache = decode_step(cfg, params, tok, prompt_lens + i, cache)
-        return i + 1, last, cache, out_tok, out_lp, done, lengths, rng
+        last, cache, step_aux = decode_step(cfg, params, tok, prompt_lens + i, cache, with_aux=True)
+        if with_routing:
+            routing = jax.lax.dynamic_update_slice_in_dim(routing, step_aux["routing"], p + i, axis=1)
+        return i + 1, last, cache, out_tok, out_lp, done, lengths, rng, routing
 
     init = (jnp.int32(0), last, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-            jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), rng)
-    _, _, _, out_tok, out_lp, done, lengths, _ = jax.lax.while_loop(cond, body, init)
-    return SampleOutput(out_tok, out_lp, lengths, ~done)
+            jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), rng,
+            routing)
+    _, _, _, out_tok, out_lp, done, lengths, _, routing = jax.lax.while_loop(cond, body, init)
+    return SampleOutput(out_tok, out_lp, lengths, ~done, routing if with_routing else None)
 
 
 def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int, temperature: float = 1.0,
              rng=None, *, top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
              stop_sequences: tuple[tuple[int, ...], ...] = (), pad_id: int = 0, vocab_limit: int | None = None,
-             mesh=None, rules=None) -> SampleOutput:
+             mesh=None, rules=None, with_routing: bool = False) -> SampleOutput:
     """Sample `max_new_tokens` continuations of right-padded `prompts` int32 [batch, P] with lengths
     `prompt_lens` int32 [batch].
 
@@ -148,7 +161,8 @@ def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int
     top_p (1 = off) filter the sampling distribution; greedy takes the argmax. Generation of a row ends
     after `eos_id` or after any token sequence in `stop_sequences`. `vocab_limit` keeps sampling to ids
     below it (a tokenizer smaller than the model's embedding table). With `mesh`, runs under its sharding
-    rules (params and batch as placed by the caller, e.g. the training state).
+    rules (params and batch as placed by the caller, e.g. the training state). `with_routing` (MoE models) also
+    returns the experts every input token chose (`SampleOutput.routing`), for routing replay in training.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
@@ -168,7 +182,9 @@ def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int
     stop = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
     kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
               top_p=float(top_p), greedy=bool(greedy), eos_id=eos_id, stop_sequences=stop, pad_id=int(pad_id),
-              vocab_limit=None if vocab_limit is None else int(vocab_limit))
+              vocab_limit=None if vocab_limit is None else int(vocab_limit), with_routing=bool(with_routing))
+    if with_routing and cfg.moe is None:
+        raise ValueError("with_routing: the model has no MoE layers (cfg.moe is None)")
     if mesh is None:
         return _generate(cfg, params, prompts, prompt_lens, rng, **kw)
     from sharding import DEFAULT_RULES, batch_sharding
