@@ -1,7 +1,8 @@
 """Grouped-query attention (Llama, Qwen2, Qwen3) and the shared softmax-attention core.
 
-Training and prefill without a cache use `model.fast_attention.causal_attention` (causal by index within
-segments, blocked, with its own backward pass); with a cache, masking is by position, not by index: a query at position p attends to a key slot whose position q
+Training and prefill without a cache run causal by index within segments, by the kernel
+`ModelConfig.attention_impl` picks (`resolve_impl`: cuDNN flash on GPU, the blocked
+`model.fast_attention.causal_attention` on CPU, XLA's `attend` elsewhere); with a cache, masking is by position, not by index: a query at position p attends to a key slot whose position q
 satisfies 0 <= q <= p (and, when packing, the same segment). The same rule covers training (positions
 0..T-1), packed documents (positions restart, segment ids differ), left-padded prompts (pad slots hold
 position -1) and KV-cache decoding (empty slots hold -1).
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import ModelConfig
+from model.config import ConfigError, ModelConfig
 from model.layers import KeyGen, RMSNorm, dtype_of, param, zeros
 from model.rope import apply_rope
 
@@ -51,12 +52,58 @@ def attend(q, k, v, mask, scale):
     return o.reshape(b, h, t, v.shape[-1])
 
 
-def self_attention(q, k, v, mask_info, scale):
-    """Dispatch: the blocked causal kernel without a cache (mask_info['mask'] is None), else the masked one."""
-    if mask_info["mask"] is None:
+def resolve_impl(cfg: ModelConfig) -> str:
+    """The kernel `cfg.attention_impl` runs on this backend: 'cudnn' | 'xla' | 'cpu_blocked'.
+
+    'auto' picks cuDNN flash attention on GPU when it can run it (bf16/fp16 compute, qk head dim <= 256 and a
+    multiple of 8), the blocked kernel on CPU (written for XLA:CPU; it never builds [T, T] scores or masks),
+    and XLA elsewhere (TPU: a Splash path is not wired yet). Called while tracing, so a kernel
+    the backend cannot run is a ConfigError naming the field before anything compiles.
+    """
+    backend, impl = jax.default_backend(), cfg.attention_impl
+    dk = cfg.mla.qk_head_dim if cfg.mla else cfg.head_dim
+    cudnn_ok = backend == "gpu" and cfg.compute_dtype in ("bfloat16", "float16") and dk <= 256 and dk % 8 == 0
+    if impl == "auto":
+        return "cudnn" if cudnn_ok else "cpu_blocked" if backend == "cpu" else "xla"
+    if impl == "cudnn" and not cudnn_ok:
+        kind = jax.devices()[0].device_kind
+        raise ConfigError(f"attention_impl: 'cudnn' cannot run here (backend {backend}, device kind {kind}, "
+                          f"compute_dtype {cfg.compute_dtype}, qk head dim {dk}); it needs a GPU, bf16/fp16 and a "
+                          f"head dim <= 256 divisible by 8: use 'auto', 'xla' or 'cpu_blocked'")
+    return impl
+
+
+def _cudnn_attention(q, k, v, segment_ids, scale):
+    """cuDNN flash attention (jax.nn.dot_product_attention, causal). Shapes as `attend`, segment_ids [b, t].
+
+    The public API wants one head dim for q, k and v: MLA's v (128 beside qk 192) is zero-padded and the
+    padding sliced off the output (zero columns of v give zero output columns). Packed documents pass a
+    [b, 1, t, t] same-segment mask, which cuDNN takes as a bias (a T^2 buffer per sequence).
+    """
+    dk, dv = q.shape[-1], v.shape[-1]
+    if dv < dk:
+        v = jnp.pad(v, [(0, 0)] * 3 + [(0, dk - dv)])
+    mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    o = jax.nn.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask, scale=scale,
+                                     is_causal=True, implementation="cudnn")  # BTNH in and out
+    return o.swapaxes(1, 2)[..., :dv]
+
+
+def self_attention(q, k, v, mask_info, scale: float, cfg: ModelConfig | None = None):
+    """Dispatch. With a cache (mask_info['mask'] set): the masked `attend`. Without: causal within segments by
+    the kernel `resolve_impl(cfg)` picks (the blocked CPU kernel when no cfg is given, as bench/ calls it).
+    Shapes as `attend`; returns [batch, heads, q_len, dv] in q.dtype."""
+    if mask_info["mask"] is not None:
+        return attend(q, k, v, mask_info["mask"], scale)
+    impl, seg = ("cpu_blocked" if cfg is None else resolve_impl(cfg)), mask_info["segment_ids"]
+    if impl == "cpu_blocked":
         from model.fast_attention import causal_attention
-        return causal_attention(q, k, v, scale, segment_ids=mask_info["segment_ids"])
-    return attend(q, k, v, mask_info["mask"], scale)
+        return causal_attention(q, k, v, scale, segment_ids=seg)
+    if impl == "cudnn":
+        return _cudnn_attention(q, k, v, seg, scale)
+    b, t = q.shape[0], q.shape[2]
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return attend(q, k, v, attention_mask(pos, pos, seg, seg), scale).astype(q.dtype)
 
 
 def write_cache(buf, new, index, axis):
@@ -106,7 +153,7 @@ class Attention(nnx.Module):
             index = mask_info["index"]
             cache = {"k": write_cache(cache["k"], k, index, 2), "v": write_cache(cache["v"], v, index, 2)}
             k, v = cache["k"].astype(x.dtype), cache["v"].astype(x.dtype)
-        o = self_attention(q, k, v, mask_info, cfg.attn_scale)
+        o = self_attention(q, k, v, mask_info, cfg.attn_scale, cfg)
         y = jnp.einsum("bhtk,hkd->btd", o, self.o_proj[...].astype(x.dtype))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(x.dtype)

@@ -28,6 +28,8 @@ def _check(ok: bool, name: str, msg: str) -> None:
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# 'auto': cuDNN flash attention on GPU (bf16/fp16 compute), the blocked CPU kernel on CPU, XLA elsewhere
+ATTENTION_IMPLS = ("auto", "cudnn", "xla", "cpu_blocked")
 MOE_IMPLS = ("dense", "capacity", "dropless")
 
 
@@ -207,6 +209,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     max_seq_len: int = 4096
     remat: str = "none"  # 'none' | 'block' (recompute each block) | 'dots' (save matmul outputs only)
+    attention_impl: str = "auto"  # training/prefill kernel, one of ATTENTION_IMPLS (model.attention.resolve_impl)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
@@ -228,6 +231,11 @@ class ModelConfig:
         _check(self.remat in ("none", "block", "dots"), "remat",
                f"must be 'none', 'block' or 'dots', got {self.remat!r}")
         _check(self.compute_dtype in _DTYPES, "compute_dtype", f"must be one of {_DTYPES}, got {self.compute_dtype!r}")
+        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+               f"must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
+        _check(self.attention_impl != "cudnn" or self.compute_dtype != "float32", "attention_impl",
+               "'cudnn' flash attention runs in bfloat16/float16 only, but compute_dtype is float32; "
+               "use compute_dtype=bfloat16 or attention_impl='auto'/'xla'")
         if self.moe is not None:
             _check(self.moe.first_k_dense <= self.n_layers, "moe.first_k_dense",
                    f"first_k_dense={self.moe.first_k_dense} exceeds n_layers={self.n_layers}")
@@ -297,8 +305,9 @@ def deepseek_v3_671b(**overrides) -> ModelConfig:
     max_seq_len 163840 is the extended context, where YaRN (factor 40) is active; a pretraining run at 4K
     passes max_seq_len=4096, which turns YaRN off as in the reference (`RopeConfig.active`).
     Precision: float32 master parameters (and so float32 AdamW moments), bf16 compute, float32 logits and
-    loss. With bf16 parameters an update below half a bf16 ulp (relative 2^-9 ~ 2e-3; lr 2.2e-5 against
-    weights ~0.006 is ~4e-3 of one ulp step) rounds away and the weight never moves.
+    loss. With bf16 parameters an update below half a bf16 ulp (2^-9 to 2^-8 of the weight) rounds away: V3's
+    final lr 2.2e-5 vanishes on every weight above 2^-7 = 0.0078 (half ulp 3.1e-5) and is rounded to a whole
+    ulp (3.1e-5, +40 %) or to nothing between 0.0039 and 0.0078, where its init_std 0.006 puts many weights.
     """
     base = ModelConfig(
         vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, mlp_dim=18432,

@@ -74,7 +74,7 @@ class MLA(nnx.Module):
             k_r = jnp.broadcast_to(k_rope[:, None], k_nope.shape[:3] + (m.qk_rope_head_dim,))
             q = jnp.concatenate([q_nope, q_rope], axis=-1)
             k = jnp.concatenate([k_nope, k_r], axis=-1)
-            o = self_attention(q, k, v, mask_info, cfg.attn_scale)
+            o = self_attention(q, k, v, mask_info, cfg.attn_scale, cfg)
         y = jnp.einsum("bhtk,hkd->btd", o, self.o_proj[...].astype(x.dtype))
         return y, cache
 
