@@ -1,4 +1,4 @@
-"""Helpers the benchmarks share: CPU count, medians, machine-wide busy time, HLO instruction metadata."""
+"""Helpers the benchmarks share: the CPU, CPU count, medians, machine-wide busy time, HLO instruction metadata."""
 
 from __future__ import annotations
 
@@ -7,6 +7,27 @@ import re
 import statistics
 
 _HZ = os.sysconf("SC_CLK_TCK")
+
+
+_ISA = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+def cpu_name() -> str:
+    """The CPU model and the ISA extensions that decide which matmul kernels run ('Intel Xeon ... [avx512f amx]'),
+    so that figures from different machines are never read as if equal."""
+    import platform
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key == "model name":
+                    model = line.split(":", 1)[1].strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return f"{model} [{' '.join(f for f in _ISA if f in flags) or 'no listed ISA flags'}]"
 
 
 def n_cpus() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import shlex
 import sys
 import time
@@ -24,21 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.common import med, n_cpus
+from bench.common import cpu_name, med, n_cpus
 from model.config import MoEConfig, tiny_deepseek
 from model.layers import KeyGen
 from model.moe import MoE
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def layer_fns(e: int, k: int, impl: str, d: int, f: int):
@@ -77,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     print(f"command: python -m bench.moe {shlex.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"cpu: {cpu_model()} x {n_cpus()} cores; jax {jax.__version__} {jax.default_backend()}", flush=True)
+    print(f"cpu: {cpu_name()} x {n_cpus()} cores; jax {jax.__version__} {jax.default_backend()}", flush=True)
     n, d, f = args.tokens, args.d, args.f
     x = jax.random.normal(jax.random.key(1), (1, n, d), jnp.float32)
     print(f"\nMoE layer alone, {n} tokens, d {d}, expert FFN {f}, capacity_factor 1.25, float32, 1 device\n")
