@@ -2,9 +2,10 @@
 
 Training and prefill without a cache run causal by index within segments, by the kernel
 `ModelConfig.attention_impl` picks (`resolve_impl`: cuDNN flash on GPU, the blocked
-`model.fast_attention.causal_attention` on CPU, XLA's `attend` elsewhere); with a cache, masking is by position, not by index: a query at position p attends to a key slot whose position q
-satisfies 0 <= q <= p (and, when packing, the same segment). The same rule covers training (positions
-0..T-1), packed documents (positions restart, segment ids differ), left-padded prompts (pad slots hold
+`model.fast_attention.causal_attention` on CPU, XLA's `attend` elsewhere); with a cache, masking is by
+position, not by index: a query at position p attends to a key slot whose position q satisfies
+0 <= q <= p (and, when packing, the same segment). The same rule covers training (positions 0..T-1), packed
+documents (positions restart, segment ids differ), left-padded prompts (pad slots hold
 position -1) and KV-cache decoding (empty slots hold -1).
 
 Cache layout per layer is head-major, [batch, kv_heads, max_len, head_dim], updated in place at a shared
@@ -55,21 +56,25 @@ def attend(q, k, v, mask, scale):
 def resolve_impl(cfg: ModelConfig) -> str:
     """The kernel `cfg.attention_impl` runs on this backend: 'cudnn' | 'xla' | 'cpu_blocked'.
 
-    'auto' picks cuDNN flash attention on GPU when it can run it (bf16/fp16 compute, qk head dim <= 256 and a
-    multiple of 8), the blocked kernel on CPU (written for XLA:CPU; it never builds [T, T] scores or masks),
-    and XLA elsewhere (TPU: a Splash path is not wired yet). Called while tracing, so a kernel
-    the backend cannot run is a ConfigError naming the field before anything compiles.
+    'auto' picks cuDNN flash attention on GPU when it can run it (bf16/fp16 compute, qk head dim a multiple of
+    8 and <= 256 on Hopper or later, <= 128 before), the blocked kernel on CPU (written for XLA:CPU; it never
+    builds [T, T] scores or masks), and XLA elsewhere (TPU: a Splash path is not wired yet). Called while
+    tracing, so a kernel the backend cannot run is a ConfigError naming the field before anything compiles.
     """
     backend, impl = jax.default_backend(), cfg.attention_impl
     dk = cfg.mla.qk_head_dim if cfg.mla else cfg.head_dim
-    cudnn_ok = backend == "gpu" and cfg.compute_dtype in ("bfloat16", "float16") and dk <= 256 and dk % 8 == 0
+    # cuDNN's flash kernels take head dims up to 256 from Hopper (compute capability 9.0) on, 128 before
+    cc = str(getattr(jax.devices()[0], "compute_capability", "0") or "0") if backend == "gpu" else "0"
+    max_dk = 256 if float(cc.split(".")[0]) >= 9 else 128
+    cudnn_ok = backend == "gpu" and cfg.compute_dtype in ("bfloat16", "float16") and dk <= max_dk and dk % 8 == 0
     if impl == "auto":
         return "cudnn" if cudnn_ok else "cpu_blocked" if backend == "cpu" else "xla"
     if impl == "cudnn" and not cudnn_ok:
         kind = jax.devices()[0].device_kind
         raise ConfigError(f"attention_impl: 'cudnn' cannot run here (backend {backend}, device kind {kind}, "
                           f"compute_dtype {cfg.compute_dtype}, qk head dim {dk}); it needs a GPU, bf16/fp16 and a "
-                          f"head dim <= 256 divisible by 8: use 'auto', 'xla' or 'cpu_blocked'")
+                          f"head dim divisible by 8, <= 256 from Hopper on (<= 128 before): use 'auto', 'xla' or "
+                          f"'cpu_blocked'")
     return impl
 
 

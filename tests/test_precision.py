@@ -95,7 +95,9 @@ def _relative_update(param_dtype):
     lr = 1e-5 * 0.6745 * cfg.init_std
     trainer = _trainer(cfg, lr=lr)
     state = trainer.init_state(0)
-    kernel = lambda st: np.asarray(st["params"]["layers"][0]["mlp"]["gate_proj"]["kernel"][...], np.float32)  # noqa: E731
+    def kernel(st):
+        return np.asarray(st["params"]["layers"][0]["mlp"]["gate_proj"]["kernel"][...], np.float32)
+
     w0 = kernel(state)  # a copy: the step donates `state`
     state, metrics = trainer.step(state, _batch())
     assert float(metrics["skipped"]) == 0.0
