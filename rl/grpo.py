@@ -55,6 +55,9 @@ class GRPOConfig:
     kl_estimator: str = "k3"  # 'k3' | 'k3_unbiased' (k3 × π_θ/π_old, DeepSeek-V3.2)
     off_policy_mask_delta: float | None = None  # V3.2's off-policy sequence mask δ; None = off
     keep_routing: bool = False  # V3.2's Keep Routing: the trainer replays the experts the sampler chose (MoE)
+    # V3.2's Keep Sampling Mask: the trainer's distribution is the sampler's top-k / top-p set, renormalised, for
+    # ratios, KL and entropy (otherwise a token outside the set still carries probability in π_θ)
+    keep_sampling_mask: bool = False
     ref_reset_every: int = 0  # reset the reference to the policy every K steps (R1: 400); 0 = never
     log_kl: bool = False  # with beta = 0, still keep the reference and report KL to it (one more scoring pass)
     num_iterations: int = 1  # μ: passes over each rollout batch
@@ -79,6 +82,8 @@ class GRPOConfig:
               f"unknown {self.kl_estimator!r}; one of {sorted(KL_ESTIMATORS)}")
         check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0, "sapo_temperature_pos/neg",
               f"must be > 0, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
+        check(not (self.keep_sampling_mask and self.sampling.greedy), "keep_sampling_mask",
+              "greedy sampling keeps one token: every renormalised log-prob would be 0")
         check(self.off_policy_mask_delta is None or self.off_policy_mask_delta >= 0, "off_policy_mask_delta",
               f"must be >= 0 (or None: off), got {self.off_policy_mask_delta}")
         check(self.policy_loss != "gspo" or self.loss_agg == "seq_mean_token_mean", "loss_agg",

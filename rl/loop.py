@@ -66,8 +66,13 @@ class GRPO:
         # (unsharded inputs would make every device score the whole batch)
         t = self.trainer
         rows = lambda ndim: batch_sharding(t.mesh, t.rules, ndim)
-        self._score_fn = jax.jit(partial(completion_logprobs, exp.model, temperature=g.sampling.temperature),
-                                 in_shardings=(t.param_sharding, rows(2), rows(1), rows(2)))
+        # keep_sampling_mask: scores (old, reference) over the sampler's kept tokens too (args gain the floors)
+        self._mask_kw = {"vocab_limit": self.tok.vocab_size} if g.keep_sampling_mask else {}
+        score = partial(completion_logprobs, exp.model, temperature=g.sampling.temperature, **self._mask_kw)
+        if g.keep_sampling_mask:
+            score = partial(lambda f, p, a, b, c, floors: f(p, a, b, c, floors=floors), score)
+        self._score_fn = jax.jit(score, in_shardings=(t.param_sharding, rows(2), rows(1), rows(2))
+                                 + ((rows(2),) if g.keep_sampling_mask else ()))
 
     def _score(self, params, *args):
         t = self.trainer
@@ -81,7 +86,8 @@ class GRPO:
         routing = batch.get("routing")  # the sampler's experts (MoE models)
         logp, entropy, aux = completion_logprobs(self.exp.model, params, batch["prompts"], batch["prompt_lens"],
                                                  batch["completions"], g.sampling.temperature, with_entropy=True,
-                                                 routing=routing if g.keep_routing else None)
+                                                 routing=routing if g.keep_routing else None,
+                                                 floors=batch.get("floors"), **self._mask_kw)
         # π_old = π_θ on the first mini-batch after sampling: exactly ratio 1 there
         old = jnp.where(batch["first"][:, None] > 0, jax.lax.stop_gradient(logp), batch["old_logp"])
         loss, metrics = policy_objective(g, logp, old, batch.get("ref_logp"), batch["adv"], batch["loss_mask"])
@@ -118,7 +124,9 @@ class GRPO:
                 "logprobs": out.logprobs, "lengths": out.lengths, "truncated": out.truncated, "rewards": rewards,
                 "correct": np.asarray(correct, np.float32),
                 "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()}, "texts": out.texts,
-                **({"routing": out.routing} if out.routing is not None else {})}
+                **({"routing": out.routing} if out.routing is not None else {}),
+                # with keep_sampling_mask the sampler's log-probs are over its kept set, as the trainer's will be
+                **({"floors": out.floors, "logprobs": out.kept_logprobs} if g.keep_sampling_mask else {})}
 
     def rollout(self, params, rng):
         """A full rollout batch; with dynamic sampling, groups with equal rewards are replaced while possible."""
@@ -154,8 +162,10 @@ class GRPO:
         batch = {"prompts": roll["prompts"], "prompt_lens": roll["prompt_lens"], "completions": roll["completions"],
                  "adv": adv.astype(np.float32), "loss_mask": mask, "first": np.zeros(self.batch, np.float32),
                  "sampler_logp": np.asarray(roll["logprobs"], np.float32),
-                 **({"routing": roll["routing"]} if "routing" in roll else {})}
-        args = (roll["prompts"], roll["prompt_lens"], roll["completions"])
+                 **({"routing": roll["routing"]} if "routing" in roll else {}),
+                 **({"floors": roll["floors"]} if g.keep_sampling_mask else {})}
+        args = (roll["prompts"], roll["prompt_lens"], roll["completions"]) + (
+            (roll["floors"],) if g.keep_sampling_mask else ())
         t1 = time.perf_counter()
         needs_old = g.num_iterations > 1 or g.mini_batches > 1
         if not needs_old:
@@ -231,7 +241,7 @@ def _zero_std(rewards, g):
 def _copy_group(dst, src, slot, donor, g):
     a, b = slice(slot * g, (slot + 1) * g), slice(donor * g, (donor + 1) * g)
     for key in ("prompts", "prompt_lens", "completions", "logprobs", "lengths", "truncated", "rewards", "correct",
-                "routing"):
+                "routing", "floors"):
         if key in dst:
             dst[key][a] = src[key][b]
     for key in dst["parts"]:

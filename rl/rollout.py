@@ -68,6 +68,8 @@ class Rollout:
     texts: list[str]  # the completions as scored
     answers: list[str | None]  # extracted answers
     routing: np.ndarray | None = None  # with_routing: int32 [rows, P + max_new_tokens, n_moe_layers, k]
+    floors: np.ndarray | None = None  # float32 [rows, max_new_tokens]: the sampling filter (SampleOutput.floors)
+    kept_logprobs: np.ndarray | None = None  # float32 [rows, max_new_tokens], renormalised over the kept tokens
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], width: int, bos: bool = True):
@@ -130,8 +132,9 @@ def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokeni
                                       pad_id=pad, vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules,
                                       with_routing=with_routing))
         take = min(bs, n_rows - start)
-        parts.append([np.asarray(x)[:take] for x in out if x is not None])
-    tokens, logprobs, lengths, truncated, *routing = (np.concatenate(x) for x in zip(*parts))
+        parts.append([None if x is None else np.asarray(x)[:take] for x in out])
+    tokens, logprobs, lengths, truncated, routing, floors, kept = (
+        None if x[0] is None else np.concatenate(x) for x in zip(*parts))
     eos = tokenizer.eos_id
     prefix = [sampling.think_prefix if sampling.think_prefix and t.rstrip().endswith(sampling.think_prefix) else ""
               for t in texts]
@@ -141,4 +144,6 @@ def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokeni
     return Rollout(prompts=np.array(prompts[rows]), prompt_lens=np.array(lens[rows]), tokens=np.array(tokens),
                    logprobs=np.array(logprobs, np.float32), lengths=np.array(lengths),
                    truncated=np.array(truncated), texts=decoded, answers=[extract(c) for c in decoded],
-                   routing=np.array(routing[0]) if routing else None)
+                   routing=None if routing is None else np.array(routing),
+                   floors=None if floors is None else np.array(floors, np.float32),
+                   kept_logprobs=None if kept is None else np.array(kept, np.float32))

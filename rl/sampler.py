@@ -36,6 +36,11 @@ class SampleOutput(NamedTuple):
     # with_routing (MoE): int32 [batch, P + max_new_tokens, n_moe_layers, k], the experts each input token chose,
     # laid out as the teacher-forced pass sees its inputs: [left-aligned prompt | completion]
     routing: jax.Array | None = None
+    # the sampling filter (top-k / top-p / vocab limit) of each step as a floor: the kept tokens are those whose
+    # logit / temperature >= floor (float32 [batch, max_new_tokens]; -inf when nothing was filtered by value), and
+    # the sampled token's log-prob renormalised over them (float32 [batch, max_new_tokens])
+    floors: jax.Array | None = None
+    kept_logprobs: jax.Array | None = None
 
 
 def left_align(prompts, prompt_lens):
@@ -88,14 +93,20 @@ def prefill(cfg, params, prompts, prompt_lens, max_new_tokens: int, with_aux: bo
 
 def sample_token(last, key, *, temperature: float, top_k: int, top_p: float, greedy: bool, vocab_limit):
     """Draw one token per row from float32 logits [batch, vocab]: (tokens int32 [batch], their log-probs under
-    softmax(logits / temperature) over the full vocabulary [batch])."""
+    softmax(logits / temperature) over the full vocabulary [batch], the filter's floor [batch] and the log-probs
+    renormalised over the kept tokens [batch]; see SampleOutput)."""
     scaled = last / temperature
+    kept = filter_logits(scaled, top_k, top_p, vocab_limit)
     if greedy:
         tok = jnp.argmax(filter_logits(last, 0, 1.0, vocab_limit), axis=-1)
     else:
-        tok = jax.random.categorical(key, filter_logits(scaled, top_k, top_p, vocab_limit), axis=-1)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
-    return tok.astype(jnp.int32), lp
+        tok = jax.random.categorical(key, kept, axis=-1)
+    tok = tok.astype(jnp.int32)[:, None]
+    lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok, axis=-1)[:, 0]
+    lp_kept = jnp.take_along_axis(jax.nn.log_softmax(kept, axis=-1), tok, axis=-1)[:, 0]
+    floor = jnp.min(jnp.where(jnp.isfinite(kept), kept, jnp.inf), axis=-1)
+    floor = jnp.where(top_k or top_p < 1.0, floor, -jnp.inf)  # a vocab limit alone is applied by id, not value
+    return tok[:, 0], lp, floor, lp_kept
 
 
 def decode_step(cfg, params, tok, positions, cache, with_aux: bool = False):
@@ -121,16 +132,18 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
                    vocab_limit=vocab_limit)
 
     def cond(carry):
-        i, _, _, _, _, done, _, _, _ = carry
+        i, _, _, _, _, done, _, _, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, last, cache, out_tok, out_lp, done, lengths, rng, routing = carry
+        i, last, cache, out_tok, out_lp, done, lengths, rng, routing, (floors, kept_lp) = carry
         rng, key = jax.random.split(rng)
-        tok, lp = draw(last, key)
+        tok, lp, floor, lp_kept = draw(last, key)
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
         out_tok = out_tok.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
+        floors = floors.at[:, i].set(jnp.where(done, -jnp.inf, floor))
+        kept_lp = kept_lp.at[:, i].set(jnp.where(done, 0.0, lp_kept))
         lengths = lengths + (~done).astype(jnp.int32)
         finished = jnp.zeros_like(done)
         if eos_id is not None:
@@ -141,13 +154,14 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
         last, cache, step_aux = decode_step(cfg, params, tok, prompt_lens + i, cache, with_aux=True)
         if with_routing:
             routing = jax.lax.dynamic_update_slice_in_dim(routing, step_aux["routing"], p + i, axis=1)
-        return i + 1, last, cache, out_tok, out_lp, done, lengths, rng, routing
+        return i + 1, last, cache, out_tok, out_lp, done, lengths, rng, routing, (floors, kept_lp)
 
-    init = (jnp.int32(0), last, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-            jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), rng,
-            routing)
-    _, _, _, out_tok, out_lp, done, lengths, _, routing = jax.lax.while_loop(cond, body, init)
-    return SampleOutput(out_tok, out_lp, lengths, ~done, routing if with_routing else None)
+    zeros = jnp.zeros((b, max_new_tokens), jnp.float32)
+    init = (jnp.int32(0), last, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32), zeros,
+            jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), rng, routing,
+            (jnp.full((b, max_new_tokens), -jnp.inf, jnp.float32), zeros))
+    _, _, _, out_tok, out_lp, done, lengths, _, routing, (floors, kept_lp) = jax.lax.while_loop(cond, body, init)
+    return SampleOutput(out_tok, out_lp, lengths, ~done, routing if with_routing else None, floors, kept_lp)
 
 
 def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int, temperature: float = 1.0,
