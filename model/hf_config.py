@@ -7,6 +7,7 @@ silently dropped.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from model.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
@@ -65,6 +66,21 @@ def _rope_from_hf(d: dict) -> RopeConfig:
     return RopeConfig(**kw)
 
 
+def _max_seq_len(d: dict, rope: RopeConfig) -> int:
+    """The context to run at: max_position_embeddings, raised to original x factor when YaRN is set.
+
+    Why: transformers applies YaRN at every length for every family (`_compute_yarn_parameters` has no length
+    gate), while our rope applies it only when max_seq_len exceeds the original context (`RopeConfig.active`,
+    as the reference DeepSeek-V3). Qwen/Llama YaRN configs often keep max_position_embeddings equal to the
+    original (Qwen2.5: 32768 and factor 4); taking it as max_seq_len would silently drop YaRN and stop
+    matching transformers. original x factor is the extended context the YaRN config describes.
+    """
+    mpe = int(d.get("max_position_embeddings", 4096))
+    if rope.type == "yarn":
+        return max(mpe, int(math.ceil(rope.original_max_position_embeddings * rope.factor)))
+    return mpe
+
+
 def config_from_hf(d: dict, *, param_dtype: str = "float32", compute_dtype: str = "float32") -> ModelConfig:
     """A parsed config.json -> ModelConfig. Raises ConfigError naming any unsupported field."""
     model_type = d.get("model_type")
@@ -73,11 +89,12 @@ def config_from_hf(d: dict, *, param_dtype: str = "float32", compute_dtype: str 
     _expect(d, "hidden_act", ("silu",), "silu")
     n_heads = int(_require(d, "num_attention_heads"))
     d_model = int(_require(d, "hidden_size"))
+    rope = _rope_from_hf(d)
     common = dict(
         vocab_size=int(_require(d, "vocab_size")), d_model=d_model, n_layers=int(_require(d, "num_hidden_layers")),
         n_heads=n_heads, mlp_dim=int(_require(d, "intermediate_size")), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        rope=_rope_from_hf(d), max_seq_len=int(d.get("max_position_embeddings", 4096)),
+        rope=rope, max_seq_len=_max_seq_len(d, rope),
         init_std=float(d.get("initializer_range", 0.02)), param_dtype=param_dtype, compute_dtype=compute_dtype)
     if model_type == "deepseek_v3":
         _expect(d, "attention_bias", (False,), False)

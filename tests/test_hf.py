@@ -42,6 +42,11 @@ FAMILIES = {
     "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=2, max_position_embeddings=64, rope_parameters=dict(YARN, mscale=None, mscale_all_dim=None))),
+    # YaRN with max_position_embeddings equal to the original context (as Qwen2.5's published YaRN recipe):
+    # transformers still applies YaRN, so config_from_hf must run at original x factor
+    "qwen2_yarn_mpe_is_original": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=16, rope_parameters=dict(YARN, mscale=None, mscale_all_dim=None))),
     # q/k norm, head_dim != hidden / heads
     "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -190,3 +195,16 @@ def test_both_rope_config_styles_agree():
     new = config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
                                                       "original_max_position_embeddings": 16}})
     assert old == new and old.rope.theta == 5e5 and old.rope.type == "yarn"
+
+
+def test_yarn_context_is_original_times_factor():
+    """max_seq_len = max(max_position_embeddings, original x factor) under YaRN, so YaRN stays active."""
+    base = {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 32768}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    cfg = config_from_hf({**base, "rope_parameters": yarn})
+    assert cfg.max_seq_len == 131072 and cfg.rope.active(cfg.max_seq_len).type == "yarn"
+    assert config_from_hf({**base, "max_position_embeddings": 200000, "rope_parameters": yarn}).max_seq_len == 200000
+    assert config_from_hf(base).max_seq_len == 32768
+    # no original given: transformers takes max_position_embeddings as the original
+    assert config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}).max_seq_len == 65536
