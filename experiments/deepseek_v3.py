@@ -7,8 +7,9 @@ meant to be run here (data is a synthetic placeholder, and a run needs 2,048 acc
 
 Model: `model.config.deepseek_v3_671b()` as published (61 layers, first 3 dense; d 7168; 128 heads; MLA
 d_c 512 / d'_c 1536 / rope 64; 1 shared + 256 routed experts of FFN 2048, top-8 in 4 of 8 groups; MTP D=1;
-bf16 parameters and compute). Its RoPE is the released YaRN (factor 40) config; pretraining itself ran at
-4K without the extension (§4.3), which changes neither the parameter count nor the FLOPs. Remat: 'block'
+float32 master parameters, bf16 compute), planned at max_seq_len=4096: its RoPE carries the released YaRN
+(factor 40) config, which at a 4K context is off (`RopeConfig.active`), as V3 pretrained at 4K without the
+extension (§4.3); YaRN changes neither the parameter count nor the FLOPs. Remat: 'block'
 (keep each layer's input, recompute the layer in the backward). V3 (§3.2.3) recomputes only RMSNorm and the
 MLA up-projections, but it holds 4 layers per pipeline stage; without a pipeline axis every device holds all
 61 layers' activations, and the planner puts 'dots' at ~119 GiB per device against ~57 GiB in all for
@@ -68,7 +69,9 @@ REFERENCE = {
 
 
 def _model():
-    cfg = deepseek_v3_671b()
+    # Pretraining context 4K: at or below YaRN's original 4096 RopeConfig.active turns YaRN off, as V3 (§4.3)
+    # pretrained without the extension (the preset's 163840 is the extended context).
+    cfg = deepseek_v3_671b(max_seq_len=SEQ_LEN)
     return cfg.replace(remat="block", moe=dataclasses.replace(cfg.moe, impl="capacity", capacity_factor=1.25))
 
 

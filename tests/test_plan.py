@@ -33,6 +33,13 @@ def test_deepseek_v3_parameters(v3_plan):
     assert v3_plan["mesh"]["sizes"] == {"data": 1, "fsdp": 16, "tensor": 2, "expert": 64}
 
 
+def test_deepseek_v3_plans_4k_pretraining_without_yarn():
+    """V3 pretrained at 4K without the YaRN extension (§4.3): the plan's model runs plain RoPE."""
+    _, exp = load_experiment(V3, [])
+    assert exp.model.max_seq_len == 4096 and exp.model.rope.type == "yarn"
+    assert exp.model.rope.active(exp.model.max_seq_len).type == "default"
+
+
 def test_deepseek_v3_gpu_hours_and_implied_mfu(v3_plan):
     c, ref = v3_plan["compute"], v3_plan["reference"]
     assert c["tokens"] == 14.8e12
