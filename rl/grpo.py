@@ -54,6 +54,10 @@ class GRPOConfig:
     beta: float = 0.0  # KL weight; 0 needs no reference model
     kl_estimator: str = "k3"  # 'k3' | 'k3_unbiased' (k3 × π_θ/π_old, DeepSeek-V3.2)
     off_policy_mask_delta: float | None = None  # V3.2's off-policy sequence mask δ; None = off
+    # pipelined rollouts: the rollout for step k + N samples while step k trains (one-step off-policy for N = 1);
+    # the loss then weighs each token by the truncated importance weight min(π_old / π_sampler, tis_cap)
+    off_policy_steps: int = 0
+    tis_cap: float | None = None  # truncated importance sampling cap C (verl / TRL: 2.0); needed when N > 0
     keep_routing: bool = False  # V3.2's Keep Routing: the trainer replays the experts the sampler chose (MoE)
     # V3.2's Keep Sampling Mask: the trainer's distribution is the sampler's top-k / top-p set, renormalised, for
     # ratios, KL and entropy (otherwise a token outside the set still carries probability in π_θ)
@@ -82,6 +86,13 @@ class GRPOConfig:
               f"unknown {self.kl_estimator!r}; one of {sorted(KL_ESTIMATORS)}")
         check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0, "sapo_temperature_pos/neg",
               f"must be > 0, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
+        check(self.off_policy_steps >= 0, "off_policy_steps", f"must be >= 0, got {self.off_policy_steps}")
+        check(not self.off_policy_steps or self.tis_cap is not None, "tis_cap",
+              f"off_policy_steps={self.off_policy_steps} samples with stale parameters: choose a correction "
+              "(grpo.tis_cap=2.0, truncated importance sampling)")
+        check(self.tis_cap is None or self.tis_cap >= 1.0, "tis_cap", f"must be >= 1, got {self.tis_cap}")
+        check(not (self.off_policy_steps and self.dynamic_sampling), "dynamic_sampling",
+              "refills groups synchronously from the current policy; it cannot run with off_policy_steps > 0")
         check(not (self.keep_sampling_mask and self.sampling.greedy), "keep_sampling_mask",
               "greedy sampling keeps one token: every renormalised log-prob would be 0")
         check(self.off_policy_mask_delta is None or self.off_policy_mask_delta >= 0, "off_policy_mask_delta",
@@ -203,13 +214,20 @@ def off_policy_mask(adv, logp, old_logp, mask, delta):
     return ((adv >= 0) | (drift <= delta)).astype(jnp.float32)[:, None]
 
 
-def policy_objective(cfg: GRPOConfig, logp, old_logp, ref_logp, adv, mask):
+def policy_objective(cfg: GRPOConfig, logp, old_logp, ref_logp, adv, mask, behavior_logp=None):
     """The loss of one mini-batch and its diagnostics.
 
-    logp, old_logp, ref_logp (or None), mask: [B, T]; adv: [B]. Returns (loss, metrics).
+    logp, old_logp, ref_logp (or None), mask: [B, T]; adv: [B]; behavior_logp [B, T] (or None): the log-probs the
+    samples were drawn with when they are older than π_old (pipelined rollouts). Returns (loss, metrics).
     """
     tok_loss, ratio = POLICY_LOSSES[cfg.policy_loss](cfg, logp, old_logp, adv, mask)
     metrics = {}
+    if behavior_logp is not None:  # truncated importance sampling: π_old / π_behavior, capped, no gradient
+        w = jax.lax.stop_gradient(jnp.exp(_log_ratio(old_logp, behavior_logp)))
+        tok_loss = tok_loss * jnp.minimum(w, cfg.tis_cap)
+        metrics["tis_weight_mean"] = token_mean(w, mask)
+        metrics["tis_weight_dev_max"] = jnp.max(jnp.where(mask > 0, jnp.abs(w - 1.0), 0.0))
+        metrics["tis_truncated_frac"] = token_mean((w > cfg.tis_cap).astype(jnp.float32), mask)
     if cfg.off_policy_mask_delta is not None:
         keep = off_policy_mask(adv, logp, old_logp, mask, cfg.off_policy_mask_delta)
         tok_loss = tok_loss * keep

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from functools import partial
 
 import jax
@@ -27,7 +28,7 @@ import numpy as np
 from rl.evaluate import think_used
 from rl.grpo import ADVANTAGES, policy_objective, token_mean
 from rl.logprobs import completion_logprobs
-from rl.rollout import rollout
+from rl.rollout import finish_rollout, launch_rollout
 from rl.prompts import PromptSource
 from sharding import batch_sharding, make_mesh, use_rules
 from sharding.distributed import from_host, to_host
@@ -62,6 +63,7 @@ class GRPO:
         self.source = PromptSource(exp.prompts, records, seed=exp.seed)
         self.reward = reward_function(exp.reward_names, exp.weights)
         self.batch = g.prompts_per_step * g.num_generations
+        self._queue = deque()  # off_policy_steps: (step sampled at, records, pending rollout)
         # teacher-forced log-probs of a rollout batch, split over the data axes like the train step's batch
         # (unsharded inputs would make every device score the whole batch)
         t = self.trainer
@@ -90,7 +92,8 @@ class GRPO:
                                                  floors=batch.get("floors"), **self._mask_kw)
         # π_old = π_θ on the first mini-batch after sampling: exactly ratio 1 there
         old = jnp.where(batch["first"][:, None] > 0, jax.lax.stop_gradient(logp), batch["old_logp"])
-        loss, metrics = policy_objective(g, logp, old, batch.get("ref_logp"), batch["adv"], batch["loss_mask"])
+        loss, metrics = policy_objective(g, logp, old, batch.get("ref_logp"), batch["adv"], batch["loss_mask"],
+                                         batch.get("behavior_logp"))
         metrics["entropy"] = token_mean(jax.lax.stop_gradient(entropy), batch["loss_mask"])
         # the sampler and the trainer run one forward on the same parameters: on the first mini-batch (before any
         # update) their log-probs of the sampled tokens differ only by numerics (logged as `logprob_mismatch`)
@@ -102,12 +105,22 @@ class GRPO:
         return loss, metrics, aux.get("expert_load")
 
     # ---- rollouts -----------------------------------------------------------------------------------------------
-    def _sample(self, params, rng):
+    def _launch(self, params, rng):
+        """Take the next prompts and dispatch their sampling (returns at once: JAX dispatches asynchronously)."""
         g = self.exp.grpo
         recs = self.source.take(g.prompts_per_step)
-        out = rollout(self.exp.model, params, [r["prompt_text"] for r in recs], g.sampling, self.tok, rng=rng,
-                      repeat=g.num_generations, max_prompt_len=self.exp.max_prompt_len, mesh=self.mesh,
-                      rules=self.trainer.rules, with_routing=self.exp.model.moe is not None)
+        return recs, launch_rollout(self.exp.model, params, [r["prompt_text"] for r in recs], g.sampling, self.tok,
+                                    rng=rng, repeat=g.num_generations, max_prompt_len=self.exp.max_prompt_len,
+                                    mesh=self.mesh, rules=self.trainer.rules,
+                                    with_routing=self.exp.model.moe is not None)
+
+    def _sample(self, params, rng):
+        return self._finish(*self._launch(params, rng))
+
+    def _finish(self, recs, pending):
+        """Wait for a launched rollout, score it: the rollout batch as the update step reads it."""
+        g = self.exp.grpo
+        out = finish_rollout(pending)
         fields = {k: [r.get(k) for r in recs for _ in range(g.num_generations)] for k in recs[0]}
         total, parts = self.reward(out.texts, **fields)
         rewards = np.asarray(total, np.float32)
@@ -149,10 +162,28 @@ class GRPO:
         return roll, rng
 
     # ---- one iteration ------------------------------------------------------------------------------------------
+    def pipelined(self, params, rng, step: int):
+        """grpo.off_policy_steps = N >= 1: keep N + 1 rollouts in flight. This step's rollout was launched N steps
+        ago (the first N steps use rollouts of the initial parameters); the one for step + N is launched now, on a
+        copy of the current parameters (the update donates their buffers), and samples while this step trains.
+        Returns (rollout, rng, staleness in steps)."""
+        g = self.exp.grpo
+        while len(self._queue) < g.off_policy_steps + 1:
+            rng, key = jax.random.split(rng)
+            copy = jax.block_until_ready(jax.tree.map(jnp.copy, params))
+            self._queue.append((step, *self._launch(copy, key)))
+        sampled_at, recs, pending = self._queue.popleft()
+        roll = self._finish(recs, pending)
+        roll["zero_std_frac"] = float(_zero_std(roll["rewards"], g.num_generations).mean())
+        return roll, rng, step - sampled_at
+
     def iteration(self, state, ref, rng, step: int = 0):
         g, G = self.exp.grpo, self.exp.grpo.num_generations
         t0 = time.perf_counter()
-        roll, rng = self.rollout(state["params"], rng)
+        if g.off_policy_steps:
+            roll, rng, staleness = self.pipelined(state["params"], rng, step)
+        else:
+            (roll, rng), staleness = self.rollout(state["params"], rng), 0
         t_roll = time.perf_counter() - t0
         adv = np.asarray(ADVANTAGES[g.advantage](jnp.asarray(roll["rewards"]).reshape(-1, G), g.std_eps)).reshape(-1)
         n = roll["completions"].shape[1]
@@ -168,9 +199,11 @@ class GRPO:
             (roll["floors"],) if g.keep_sampling_mask else ())
         t1 = time.perf_counter()
         needs_old = g.num_iterations > 1 or g.mini_batches > 1
+        if g.off_policy_steps:  # π_old is the current policy, the sampler's a stale one: TIS weighs the difference
+            batch["behavior_logp"] = np.asarray(roll["logprobs"], np.float32)
         if not needs_old:
             batch["old_logp"] = np.zeros_like(mask)
-        elif self.exp.model.compute_dtype == "float32":
+        elif self.exp.model.compute_dtype == "float32" and not g.off_policy_steps:
             batch["old_logp"] = roll["logprobs"]  # equal to a teacher-forced pass to ~1e-7 per token
         else:  # bf16: the sampler's per-sequence mean log-ratio is off by 2.6e-4..4.5e-4, past GSPO's clip
             batch["old_logp"] = to_host(self._score(state["params"], *args)[0])
@@ -206,6 +239,10 @@ class GRPO:
             "clip_frac_low": float(np.mean([u["clip_frac_low"] for u in updates])),
             "clip_frac_high": float(np.mean([u["clip_frac_high"] for u in updates])),
             "logprob_mismatch": float(first["logprob_mismatch"]),
+            **({"staleness": float(staleness), "tis_weight_mean": float(first["tis_weight_mean"]),
+                "tis_weight_dev_max": float(max(u["tis_weight_dev_max"] for u in updates)),
+                "tis_truncated_frac": float(np.mean([u["tis_truncated_frac"] for u in updates]))}
+               if g.off_policy_steps else {}),
             **({"router_disagreement": float(first["router_disagreement"])} if "router_disagreement" in first else {}),
             **({"off_policy_masked_frac": float(np.mean([u["off_policy_masked_frac"] for u in updates]))}
                if "off_policy_masked_frac" in first else {}),

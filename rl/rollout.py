@@ -25,7 +25,7 @@ from rl.reward_inputs import extract_answer
 from rl.sampler import generate
 from sharding.distributed import to_host
 
-__all__ = ["Rollout", "Sampling", "encode_prompts", "rollout"]
+__all__ = ["PendingRollout", "Rollout", "Sampling", "encode_prompts", "finish_rollout", "launch_rollout", "rollout"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,32 @@ def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokeni
     size. `rng` (default key 0) is folded with the call index when there are several calls. `with_routing` (MoE)
     keeps the experts every token chose (`rl.sampler.SampleOutput.routing`).
     """
+    return finish_rollout(launch_rollout(cfg, params, prompt_texts, sampling, tokenizer, rng=rng, repeat=repeat,
+                                         max_prompt_len=max_prompt_len, batch_size=batch_size, mesh=mesh,
+                                         rules=rules, extract=extract, with_routing=with_routing))
+
+
+@dataclass
+class PendingRollout:
+    """Sampling dispatched to the devices and not yet waited for (JAX dispatches asynchronously): `finish_rollout`
+    blocks on it. Lets the GRPO loop sample step k+1 while step k trains (grpo.off_policy_steps)."""
+
+    outs: list  # per generate call: a SampleOutput of device arrays
+    takes: list[int]
+    texts: list[str]
+    rows: np.ndarray
+    prompts: np.ndarray
+    lens: np.ndarray
+    sampling: Sampling
+    tokenizer: Any
+    extract: Callable
+
+
+def launch_rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokenizer, *, rng=None,
+                   repeat: int = 1, max_prompt_len: int | None = None, batch_size: int | None = None, mesh=None,
+                   rules=None, extract: Callable[[Any], str | None] = extract_answer,
+                   with_routing: bool = False) -> PendingRollout:
+    """`rollout`'s first half: encode and dispatch every generate call, without waiting for any."""
     texts = list(prompt_texts)
     if not texts:
         raise ValueError("rollout: no prompts")
@@ -121,29 +147,34 @@ def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokeni
     rng = jax.random.key(0) if rng is None else rng
     stop = tuple(tuple(tokenizer.encode(s)) for s in sampling.stop)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    parts = []
+    outs, takes = [], []
     for b, start in enumerate(range(0, n_rows, bs)):
         idx = rows[start:start + bs]
         idx = np.concatenate([idx, np.full(bs - len(idx), idx[-1])])  # pad the last call: same shape every call
         key = rng if bs >= n_rows else jax.random.fold_in(rng, b)
-        out = to_host(generate(cfg, params, prompts[idx], lens[idx], sampling.max_new_tokens,
-                                      sampling.temperature, key, top_k=sampling.top_k, top_p=sampling.top_p,
-                                      greedy=sampling.greedy, eos_id=tokenizer.eos_id, stop_sequences=stop,
-                                      pad_id=pad, vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules,
-                                      with_routing=with_routing))
-        take = min(bs, n_rows - start)
-        parts.append([None if x is None else np.asarray(x)[:take] for x in out])
+        outs.append(generate(cfg, params, prompts[idx], lens[idx], sampling.max_new_tokens, sampling.temperature,
+                             key, top_k=sampling.top_k, top_p=sampling.top_p, greedy=sampling.greedy,
+                             eos_id=tokenizer.eos_id, stop_sequences=stop, pad_id=pad,
+                             vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules, with_routing=with_routing))
+        takes.append(min(bs, n_rows - start))
+    return PendingRollout(outs, takes, texts, rows, prompts, lens, sampling, tokenizer, extract)
+
+
+def finish_rollout(p: PendingRollout) -> Rollout:
+    """`rollout`'s second half: wait for the samples, decode them, extract the answers."""
+    parts = [[None if x is None else np.asarray(x)[:take] for x in to_host(out)] for out, take in zip(p.outs, p.takes)]
     tokens, logprobs, lengths, truncated, routing, floors, kept = (
         None if x[0] is None else np.concatenate(x) for x in zip(*parts))
-    eos = tokenizer.eos_id
+    tok, sampling, rows, texts = p.tokenizer, p.sampling, p.rows, p.texts
+    eos = tok.eos_id
     prefix = [sampling.think_prefix if sampling.think_prefix and t.rstrip().endswith(sampling.think_prefix) else ""
               for t in texts]
-    decoded = [prefix[rows[r]] + tokenizer.decode([int(t) for t in tokens[r][:lengths[r]] if t != eos],
-                                                  skip_special_tokens=False) for r in range(n_rows)]
+    decoded = [prefix[rows[r]] + tok.decode([int(t) for t in tokens[r][:lengths[r]] if t != eos],
+                                            skip_special_tokens=False) for r in range(len(rows))]
     # np.array copies: device_get's arrays are read-only, and dynamic sampling overwrites groups in place
-    return Rollout(prompts=np.array(prompts[rows]), prompt_lens=np.array(lens[rows]), tokens=np.array(tokens),
+    return Rollout(prompts=np.array(p.prompts[rows]), prompt_lens=np.array(p.lens[rows]), tokens=np.array(tokens),
                    logprobs=np.array(logprobs, np.float32), lengths=np.array(lengths),
-                   truncated=np.array(truncated), texts=decoded, answers=[extract(c) for c in decoded],
+                   truncated=np.array(truncated), texts=decoded, answers=[p.extract(c) for c in decoded],
                    routing=None if routing is None else np.array(routing),
                    floors=None if floors is None else np.array(floors, np.float32),
                    kept_logprobs=None if kept is None else np.array(kept, np.float32))
