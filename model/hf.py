@@ -23,9 +23,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from model import hf_slices
 from model.config import ModelConfig
 from model.hf_config import config_from_hf, config_to_hf
 from model.transformer import abstract_params
+from sharding.rules import DEFAULT_RULES, param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class Rule:
     """One of our parameters: its HF tensor(s) and the layout change between them.
 
     to_ours(hf arrays) -> our array; to_hf(our array) -> hf arrays (same order as `hf_names`).
+    read(get, index) -> our array's `index` (a tuple of slices) from only the HF slices behind it
+    (`model.hf_slices`: the sharded load of `load_hf(mesh=...)`).
     """
 
     path: tuple
@@ -46,6 +50,7 @@ class Rule:
     hf_shapes: tuple[tuple[int, ...], ...]
     to_ours: Callable
     to_hf: Callable
+    read: Callable | None = None
 
 
 def _deinterleave(r: int) -> np.ndarray:
@@ -65,24 +70,25 @@ def _linear(path, name, d_in, out_shape, row_perm=None):
         w = k.reshape(d_in, n_out).T
         return (w if inv is None else w[inv],)
 
-    return Rule(path, (name,), ((n_out, d_in),), lambda w: to_ours(w), to_hf)
+    return Rule(path, (name,), ((n_out, d_in),), lambda w: to_ours(w), to_hf,
+                read=hf_slices.linear(name, d_in, tuple(out_shape), row_perm))
 
 
 def _out_linear(path, name, in_shape, d_out):
     """HF weight [d_out, prod(in_shape)] <-> our kernel [*in_shape, d_out]."""
     n_in = int(np.prod(in_shape))
     return Rule(path, (name,), ((d_out, n_in),), lambda w: w.T.reshape(tuple(in_shape) + (d_out,)),
-                lambda k: (k.reshape(n_in, d_out).T,))
+                lambda k: (k.reshape(n_in, d_out).T,), read=hf_slices.out_linear(name, tuple(in_shape), d_out))
 
 
 def _same(path, name, shape):
-    return Rule(path, (name,), (tuple(shape),), lambda w: w, lambda k: (k,))
+    return Rule(path, (name,), (tuple(shape),), lambda w: w, lambda k: (k,), read=hf_slices.same(name))
 
 
 def _experts(path, names, e, shape_hf):
     """Per-expert HF weights [out, in] <-> our stacked kernel [E, in, out]."""
     return Rule(path, tuple(names), (tuple(shape_hf),) * e, lambda *ws: np.stack([w.T for w in ws]),
-                lambda k: tuple(k[i].T for i in range(e)))
+                lambda k: tuple(k[i].T for i in range(e)), read=hf_slices.experts(tuple(names)))
 
 
 def _qk_perm(cfg: ModelConfig, n_heads: int, interleaved: bool):
@@ -129,7 +135,8 @@ def _block_rules(cfg: ModelConfig, path: tuple, prefix: str, moe: bool, interlea
             rules.append(_linear(a + (f"{name}_proj",), f"{ap}.{name}_proj.weight", d, (heads, hd)))
             if cfg.qkv_bias:
                 rules.append(Rule(a + (f"{name}_bias",), (f"{ap}.{name}_proj.bias",), ((heads * hd,),),
-                                  lambda b, heads=heads: b.reshape(heads, hd), lambda b: (b.reshape(-1),)))
+                                  lambda b, heads=heads: b.reshape(heads, hd), lambda b: (b.reshape(-1),),
+                                  read=hf_slices.reshaped(f"{ap}.{name}_proj.bias", (heads, hd))))
         rules.append(_out_linear(a + ("o_proj",), f"{ap}.o_proj.weight", (h, hd), d))
         if cfg.o_bias:
             rules.append(_same(a + ("o_bias",), f"{ap}.o_proj.bias", (d,)))
@@ -199,6 +206,8 @@ class _Reader:
                 with safe_open(os.path.join(directory, f), "numpy") as fh:
                     weight_map.update({k: f for k in fh.keys()})
         self.directory, self.weight_map, self._open = directory, weight_map, {}
+        # tensors are read through memory maps: safetensors' numpy framework has no bfloat16
+        self.files = hf_slices.TensorFiles(directory, weight_map)
 
     def names(self) -> set[str]:
         return set(self.weight_map)
@@ -207,7 +216,7 @@ class _Reader:
         return tuple(self._file(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        return self._file(name).get_tensor(name)
+        return np.asarray(self.files.get(name))
 
     def _file(self, name):
         f = self.weight_map[name]
@@ -219,12 +228,19 @@ class _Reader:
         return self._open[f]
 
 
-def load_hf(directory: str, *, param_dtype: str = "float32", mtp: str = "auto") -> tuple[ModelConfig, nnx.State]:
+def load_hf(directory: str, *, param_dtype: str = "float32", mtp: str = "auto", mesh=None,
+            rules: dict = DEFAULT_RULES) -> tuple[ModelConfig, nnx.State]:
     """Read a Hugging Face checkpoint directory -> (ModelConfig, params).
+
+    mesh: when given, every parameter is built directly into its NamedSharding under the sharding `rules`
+    (logical axis -> mesh axes): each device reads only its shard's slices of the files, cast on the host to
+    the parameter dtype (`model.hf_slices`), so no device ever holds more than its shard. Without a mesh the
+    params are whole arrays on the default device.
 
     mtp: 'auto' loads the MTP modules if the checkpoint has them and otherwise sets mtp_depth=0 with a
     warning (transformers' save_pretrained does not write them); 'require' raises if absent; 'drop' ignores them.
     """
+    sharding_rules = rules  # `rules` below is the checkpoint rules
     with open(os.path.join(directory, "config.json")) as fh:
         hf_cfg = json.load(fh)
     cfg = config_from_hf(hf_cfg, param_dtype=param_dtype)
@@ -264,6 +280,11 @@ def load_hf(directory: str, *, param_dtype: str = "float32", mtp: str = "auto") 
     if cfg.tie_embeddings and "lm_head.weight" in present:
         if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
             raise CheckpointError(f"{directory}: tie_word_embeddings=True but lm_head.weight differs from the embedding")
+
+    if mesh is not None:
+        abstract = abstract_params(cfg)
+        shardings = param_shardings(abstract, mesh, sharding_rules)
+        return cfg, hf_slices.load_sharded(rules, reader.files, abstract, shardings)
 
     flat = dict(nnx.to_flat_state(abstract_params(cfg)))
     by_path = {r.path: r for r in rules}

@@ -57,7 +57,8 @@ def load_base_params(path: str, trainer: Trainer):
     """
     if os.path.exists(os.path.join(path, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(path)):
         from model.hf import load_hf
-        return load_hf(path)[1]
+        # straight into the trainer's shardings: each device reads only its shard of the files
+        return load_hf(path, param_dtype=trainer.cfg.param_dtype, mesh=trainer.mesh, rules=trainer.rules)[1]
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"init_from={path!r}: not a run directory (no config.json) nor an HF checkpoint")
     with use_rules(trainer.mesh, trainer.rules):
