@@ -210,6 +210,9 @@ class ModelConfig:
     max_seq_len: int = 4096
     remat: str = "none"  # 'none' | 'block' (recompute each block) | 'dots' (save matmul outputs only)
     attention_impl: str = "auto"  # training/prefill kernel, one of ATTENTION_IMPLS (model.attention.resolve_impl)
+    # stack the dense prefix and the MoE body and run each as one lax.scan (model/transformer.py): the compiled
+    # program stays one layer deep whatever n_layers is; off by default (README: measured on the CPU presets)
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
@@ -230,6 +233,7 @@ class ModelConfig:
         _check(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {_DTYPES}, got {self.param_dtype!r}")
         _check(self.remat in ("none", "block", "dots"), "remat",
                f"must be 'none', 'block' or 'dots', got {self.remat!r}")
+        _check(isinstance(self.scan_layers, bool), "scan_layers", f"must be true or false, got {self.scan_layers!r}")
         _check(self.compute_dtype in _DTYPES, "compute_dtype", f"must be one of {_DTYPES}, got {self.compute_dtype!r}")
         _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
                f"must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")

@@ -43,6 +43,8 @@ class Rule:
     to_ours(hf arrays) -> our array; to_hf(our array) -> hf arrays (same order as `hf_names`).
     read(get, index) -> our array's `index` (a tuple of slices) from only the HF slices behind it
     (`model.hf_slices`: the sharded load of `load_hf(mesh=...)`).
+    A stacked parameter of a scanned config (`stack_rules`) keeps its per-layer rules in `parts` (layer order;
+    `hf_names` is their concatenation), so a loader can build one layer's slice from that layer's tensors.
     """
 
     path: tuple
@@ -50,6 +52,7 @@ class Rule:
     hf_shapes: tuple[tuple[int, ...], ...]
     to_ours: Callable
     to_hf: Callable
+    parts: tuple["Rule", ...] = ()
     read: Callable | None = None
 
 
@@ -176,7 +179,41 @@ def weight_rules(cfg: ModelConfig, interleaved: bool = True) -> list[Rule]:
                   _linear(p + ("eh_proj", "kernel"), f"{pre}.eh_proj.weight", 2 * d, (d,)),
                   _same(p + ("norm", "scale"), f"{pre}.shared_head.norm.weight", (d,))]
         rules += _block_rules(cfg, p + ("block",), pre, moe, interleaved)
-    return rules
+    return stack_rules(cfg, rules) if cfg.scan_layers else rules
+
+
+def stack_rules(cfg: ModelConfig, rules: list[Rule]) -> list[Rule]:
+    """Per-layer rules ('layers', i, *rest) -> one rule per stacked parameter (stack, *rest) of the scanned
+    layout (`model.transformer.layer_stacks`): to_ours stacks the layers' arrays on a new axis 0 and to_hf
+    splits it, so load_hf/save_hf move between HF's per-layer tensors and our [n_layers_in_stack, ...] leaves."""
+    from model.transformer import layer_stacks
+
+    owner = [name for name, n in layer_stacks(cfg).items() for _ in range(n)]  # layer index -> its stack
+    out, groups = [], {}
+    for r in rules:
+        if r.path[0] != "layers":
+            out.append(r)
+            continue
+        key = (owner[r.path[1]],) + r.path[2:]
+        if key not in groups:
+            groups[key] = []
+            out.append(key)  # placeholder keeps the first layer's position in the order
+        groups[key].append(r)
+    return [_stacked(k, groups[k]) if isinstance(k, tuple) else k for k in out]
+
+
+def _stacked(path: tuple, parts: list[Rule]) -> Rule:
+    counts = [len(p.hf_names) for p in parts]
+    starts = np.cumsum([0] + counts)
+
+    def to_ours(*ws):
+        return np.stack([p.to_ours(*ws[a:b]) for p, a, b in zip(parts, starts[:-1], starts[1:])])
+
+    def to_hf(k):
+        return tuple(w for i, p in enumerate(parts) for w in p.to_hf(k[i]))
+
+    return Rule(path, tuple(n for p in parts for n in p.hf_names), tuple(s for p in parts for s in p.hf_shapes),
+                to_ours, to_hf, tuple(parts))
 
 
 def _mtp_shared_copies(cfg: ModelConfig) -> dict[str, str]:
@@ -229,13 +266,17 @@ class _Reader:
 
 
 def load_hf(directory: str, *, param_dtype: str = "float32", mtp: str = "auto", mesh=None,
-            rules: dict = DEFAULT_RULES) -> tuple[ModelConfig, nnx.State]:
+            rules: dict = DEFAULT_RULES,
+            scan_layers: bool | None = None) -> tuple[ModelConfig, nnx.State]:
     """Read a Hugging Face checkpoint directory -> (ModelConfig, params).
 
     mesh: when given, every parameter is built directly into its NamedSharding under the sharding `rules`
     (logical axis -> mesh axes): each device reads only its shard's slices of the files, cast on the host to
     the parameter dtype (`model.hf_slices`), so no device ever holds more than its shard. Without a mesh the
     params are whole arrays on the default device.
+
+    scan_layers: the returned config's `scan_layers` (None keeps ModelConfig's default); True stacks the layers'
+    tensors into the scanned layout (`stack_rules`).
 
     mtp: 'auto' loads the MTP modules if the checkpoint has them and otherwise sets mtp_depth=0 with a
     warning (transformers' save_pretrained does not write them); 'require' raises if absent; 'drop' ignores them.
@@ -244,6 +285,8 @@ def load_hf(directory: str, *, param_dtype: str = "float32", mtp: str = "auto", 
     with open(os.path.join(directory, "config.json")) as fh:
         hf_cfg = json.load(fh)
     cfg = config_from_hf(hf_cfg, param_dtype=param_dtype)
+    if scan_layers is not None:
+        cfg = cfg.replace(scan_layers=scan_layers)
     reader = _Reader(directory)
     present = reader.names()
     if cfg.mtp_depth:

@@ -10,6 +10,13 @@ Parameter tree (an `nnx.State`; every leaf carries logical `axes`):
                            shared_experts MLP)
     norm.scale [d];  lm_head.kernel [d, vocab] unless tied
     mtp.{k}: enorm, hnorm, eh_proj.kernel [2d, d] (input = [norm(emb) ; norm(h)]), block (as a layer), norm
+
+With `cfg.scan_layers` the per-layer `layers.{i}` become two stacks, each one Block whose every leaf has a
+leading `layers` axis (logical axis 'layers', mapped to no mesh axis):
+    dense_layers.* [first_k_dense, ...]  (all n_layers for a dense model)   moe_layers.* [n_moe_layers, ...]
+and each stack runs as one `lax.scan` (remat inside the scanned body), so the lowered program does not grow with
+depth. Values are identical to the unscanned model's (`stack_blocks` stacks the same per-layer initialisation).
+The KV cache is then stacked the same way and decoding scans too (`init_cache`). MTP modules stay unstacked.
 """
 
 from __future__ import annotations
@@ -66,11 +73,36 @@ class MTPModule(nnx.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
 
 
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose leaves are the blocks' leaves stacked on a new leading axis (logical name 'layers')."""
+    gdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+
+    def stack(*vs):
+        axes = ("layers",) + tuple(vs[0].get_metadata().get("axes") or ())
+        return vs[0].replace(jnp.stack([v.get_value() for v in vs]), axes=axes)
+
+    return nnx.merge(gdef, jax.tree.map(stack, *states, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+
+
+def layer_stacks(cfg: ModelConfig) -> dict[str, int]:
+    """Scanned layout: stack name -> number of layers, in execution order (dense prefix, then the MoE body)."""
+    n_moe = sum(cfg.is_moe_layer)
+    return {k: n for k, n in (("dense_layers", cfg.n_layers - n_moe), ("moe_layers", n_moe)) if n}
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: KeyGen):
         self.cfg = cfg
         self.embed_tokens = Embed(cfg, rngs)
-        self.layers = nnx.List([Block(cfg, moe, rngs) for moe in cfg.is_moe_layer])
+        blocks = [Block(cfg, moe, rngs) for moe in cfg.is_moe_layer]
+        if cfg.scan_layers:  # dense layers always come first (is_moe_layer is i >= first_k_dense)
+            start = 0
+            for name, n in layer_stacks(cfg).items():
+                setattr(self, name, stack_blocks(blocks[start:start + n]))
+                start += n
+        else:
+            self.layers = nnx.List(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype_of(cfg.param_dtype))
         self.lm_head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
         self.mtp = nnx.List([MTPModule(cfg, cfg.n_layers + k, rngs) for k in range(cfg.mtp_depth)])
@@ -114,19 +146,22 @@ class Transformer(nnx.Module):
                                        policy=_REMAT_POLICIES[cfg.remat])
                 return block(state, x, replay)
         x = constrain(self.embed_tokens(tokens, dt), _ACT)
-        stats, new_layers = [], []
-        moe_layers = [i for i, layer in enumerate(self.layers) if layer.is_moe]
-        for i, layer in enumerate(self.layers):
-            replay = None if routing is None or not layer.is_moe else routing[:, :, moe_layers.index(i)]
-            x, c, s = run(layer, x, None if cache is None else cache["layers"][i], replay)
-            x = constrain(x, _ACT)
-            new_layers.append(c)
-            if s is not None:
-                stats.append(s)
+        if cfg.scan_layers:
+            x, new_layers, main = self._scanned(x, rope, mask_info, cache, routing)
+        else:
+            new_layers, stats = [], []
+            moe_index = [sum(cfg.is_moe_layer[:i]) for i in range(cfg.n_layers)]
+            for i, layer in enumerate(self.layers):
+                replay = None if routing is None or not layer.is_moe else routing[:, :, moe_index[i]]
+                x, c, s = run(layer, x, None if cache is None else cache["layers"][i], replay)
+                x = constrain(x, _ACT)
+                new_layers.append(c)
+                if s is not None:
+                    stats.append(s)
+            main = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else None
         logits = self.head(self.norm(x))
-        chosen = [s["routing"] for s in stats]  # the main layers' (MTP modules are not replayed)
 
-        mtp_logits = []
+        mtp_logits, stats = [], []
         if with_mtp and cache is None:
             h = x
             for k, mod in enumerate(self.mtp, start=1):
@@ -139,18 +174,44 @@ class Transformer(nnx.Module):
                 mtp_logits.append(self.head(mod.norm(h)))
 
         aux = {}
-        if stats:
-            aux["expert_load"] = jnp.stack([s["load"] for s in stats])
-            aux["balance_loss"] = sum(s["balance_loss"] for s in stats) / len(stats)
-            aux["moe_dropped"] = jnp.stack([s["dropped"] for s in stats])
-        if chosen:
-            aux["routing"] = jnp.stack(chosen, axis=2)
+        # per-layer stats, [n_moe_layers (+ mtp), ...]: the main stack's, then the MTP modules' (not replayed)
+        rows = ([main] if main is not None else []) + [jax.tree.map(lambda a: a[None], s) for s in stats]
+        if rows:
+            aux["expert_load"] = jnp.concatenate([r["load"] for r in rows])
+            aux["balance_loss"] = jnp.mean(jnp.concatenate([r["balance_loss"] for r in rows]))
+            aux["moe_dropped"] = jnp.concatenate([r["dropped"] for r in rows])
+        if main is not None:
+            aux["routing"] = jnp.moveaxis(main["routing"], 0, 2)  # [n, b, t, k] -> [b, t, n, k]
         if mtp_logits:
             aux["mtp_logits"] = jnp.stack(mtp_logits)
         new_cache = None
         if cache is not None:
             new_cache = {"index": index + t, "pos": kv_pos, "layers": new_layers}
         return logits, new_cache, aux
+
+    def _scanned(self, x, rope, mask_info, cache, routing):
+        """The layer stacks as one lax.scan each. x [b, t, d] -> (x, {stack: its stacked cache} or None-valued,
+        stacked MoE stats {'load' [n, E], 'balance_loss' [n], 'dropped' [n], 'routing' [n, b, t, k]} or None)."""
+        cfg, new_cache, main = self.cfg, {}, None
+        for name in layer_stacks(cfg):
+            gdef, state = nnx.split(getattr(self, name))
+            is_moe = name == "moe_layers"
+            replay = jnp.moveaxis(routing, 2, 0) if is_moe and routing is not None else None  # [n, b, t, k]
+
+            def body(h, xs, gdef=gdef):
+                st, c, r = xs
+                h, c, s = nnx.merge(gdef, st)(h, rope, mask_info, c, r)
+                return constrain(h, _ACT), (c, s)
+
+            if cfg.remat != "none" and cache is None:
+                # remat inside the scanned body: the scan saves only each layer's input; prevent_cse is not
+                # needed under scan (jax.checkpoint docs) and would block fusions
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            layer_cache = None if cache is None else cache["layers"][name]
+            x, (new_cache[name], s) = jax.lax.scan(body, x, (state, layer_cache, replay))
+            if is_moe:
+                main = s
+        return x, new_cache, main
 
 
 @functools.lru_cache(maxsize=64)
@@ -192,39 +253,60 @@ def forward(cfg: ModelConfig, params: nnx.State, tokens, positions=None, cache=N
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
     """An empty KV cache: per layer head-major buffers; `pos` [batch, max_len] = -1 marks empty slots.
 
+    'layers' is a list over layers, or with `cfg.scan_layers` a dict {stack name: buffers with a leading
+    [n_layers_in_stack] axis}: decoding scans over the stacked cache as training scans over the stacked params.
+
     Inside jit, `forward` cannot check that decoding stays within `max_len` (writes past the end clamp onto
     the last slot): the caller sizes the cache for prompt + new tokens, as `rl.sampler` does.
     """
     dt = dtype_of(dtype or cfg.compute_dtype)
     layer_cls = MLA if cfg.mla else Attention
-    return {"index": jnp.zeros((), jnp.int32), "pos": jnp.full((batch, max_len), -1, jnp.int32),
-            "layers": [layer_cls.init_cache(cfg, batch, max_len, dt) for _ in range(cfg.n_layers)]}
+    one = layer_cls.init_cache(cfg, batch, max_len, dt)
+    if cfg.scan_layers:
+        layers = {name: jax.tree.map(lambda a, n=n: jnp.zeros((n,) + a.shape, a.dtype), one)
+                  for name, n in layer_stacks(cfg).items()}
+    else:
+        layers = [one] + [layer_cls.init_cache(cfg, batch, max_len, dt) for _ in range(cfg.n_layers - 1)]
+    return {"index": jnp.zeros((), jnp.int32), "pos": jnp.full((batch, max_len), -1, jnp.int32), "layers": layers}
 
 
 def router_biases(params: nnx.State) -> list:
-    """The RouterBias variables in the order of aux['expert_load'] (layers, then MTP modules)."""
+    """The RouterBias variables in the order of aux['expert_load'] (layers, then MTP modules); with scan_layers
+    the MoE stack's is one variable [n_moe_layers, E] covering that many rows."""
     return [v for _, v in sorted(nnx.to_flat_state(params), key=lambda kv: _order(kv[0]))
             if isinstance(v, RouterBias)]
 
 
+_MAIN = ("layers", "dense_layers", "moe_layers")
+
+
 def _order(path):
-    head = 0 if path[0] == "layers" else 1
+    head = 0 if path[0] in _MAIN else 1
     return (head, path[1] if len(path) > 1 and isinstance(path[1], int) else 0, tuple(map(str, path[2:])))
 
 
 def update_router_bias(cfg: ModelConfig, params: nnx.State, expert_load) -> nnx.State:
-    """Apply the aux-loss-free bias update to every MoE layer. expert_load [n_moe_layers, E]."""
+    """Apply the aux-loss-free bias update to every MoE layer. expert_load [n_moe_layers (+ mtp_depth), E]."""
     if cfg.moe is None:
         return params
     flat = dict(nnx.to_flat_state(params))
     paths = sorted((p for p, v in flat.items() if isinstance(v, RouterBias)), key=_order)
-    main = [p for p in paths if p[0] == "layers"]
-    if len(expert_load) == len(main) < len(paths):
+    rows = {p: flat[p].get_value().shape[0] if flat[p].get_value().ndim == 2 else 1 for p in paths}
+    main = [p for p in paths if p[0] in _MAIN]
+    n_main, n_all = sum(rows[p] for p in main), sum(rows.values())
+    if len(expert_load) == n_main < n_all:
         paths = main  # a forward without MTP (RL, scoring) moves only the main layers' biases
-    if len(paths) != len(expert_load):
-        raise ValueError(f"expert_load has {len(expert_load)} rows but the model has {len(paths)} MoE layers "
-                         f"({len(main)} without MTP)")
-    for path, load in zip(paths, expert_load):
-        v = flat[path]
-        flat[path] = v.replace(bias_update(v[...], load, cfg.moe.bias_update_rate))
+    elif len(expert_load) != n_all:
+        raise ValueError(f"expert_load has {len(expert_load)} rows but the model has {n_all} MoE layers "
+                         f"({n_main} without MTP)")
+    start = 0
+    for path in paths:
+        v, n = flat[path], rows[path]
+        if v.get_value().ndim == 2:  # a scanned stack: one bias row per layer
+            new = jax.vmap(bias_update, in_axes=(0, 0, None))(v[...], expert_load[start:start + n],
+                                                               cfg.moe.bias_update_rate)
+        else:
+            new = bias_update(v[...], expert_load[start], cfg.moe.bias_update_rate)
+        flat[path] = v.replace(new)
+        start += n
     return nnx.from_flat_state(flat)

@@ -35,6 +35,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
     "q_lora": None,
     "kv_lora": None,
     "norm": None,
+    # the leading axis of scanned layer stacks (ModelConfig.scan_layers): never sharded, since lax.scan slices
+    # one layer per iteration and a sharded layer axis would gather every layer onto every device
+    "layers": None,
 }
 
 # Named alternatives, for comparison runs (each is a full table).

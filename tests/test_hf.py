@@ -89,21 +89,28 @@ def hf_checkpoint(request, tmp_path_factory):
     return request.param, model, path
 
 
-def test_load_hf_matches_transformers(hf_checkpoint):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_load_hf_matches_transformers(hf_checkpoint, scan):
     name, model, path = hf_checkpoint
-    cfg, params = load_hf(path)
+    cfg, params = load_hf(path, scan_layers=scan)
+    assert cfg.scan_layers == scan and ("layers" in params) != scan
     ref = _torch_logits(model)
     diff = np.abs(_our_logits(cfg, params) - ref).max()
     assert diff <= 1e-4, f"{name}: max |Δlogit| = {diff}"
     if name.startswith("deepseek"):
         assert cfg.rope.type == "yarn" and SEQ > cfg.rope.original_max_position_embeddings
-        biases = [np.asarray(params["layers"][i]["mlp"]["gate"]["bias"][...]) for i in (1, 2)]
-        assert all(np.abs(b).max() > 0.1 for b in biases), "non-zero correction bias must be loaded"
+        if scan:  # layer 0 dense, layers 1-2 one MoE stack [2, E]
+            biases = list(np.asarray(params["moe_layers"]["mlp"]["gate"]["bias"][...]))
+        else:
+            biases = [np.asarray(params["layers"][i]["mlp"]["gate"]["bias"][...]) for i in (1, 2)]
+        assert len(biases) == 2 and all(np.abs(b).max() > 0.1 for b in biases), "non-zero correction bias must load"
+        assert np.abs(biases[0] - biases[1]).max() > 0.1, "each layer keeps its own bias"
 
 
-def test_save_hf_then_transformers(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_save_hf_then_transformers(hf_checkpoint, tmp_path, scan):
     name, model, path = hf_checkpoint
-    cfg, params = load_hf(path)
+    cfg, params = load_hf(path, scan_layers=scan)
     save_hf(cfg, params, str(tmp_path))
     reloaded = type(model).from_pretrained(str(tmp_path)).eval()
     diff = np.abs(_torch_logits(reloaded) - _torch_logits(model)).max()
@@ -120,6 +127,26 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     assert cfg2.mtp_depth == 1
     a, b = jax.tree.leaves(params), jax.tree.leaves(params2)
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_scanned_save_writes_the_unscanned_tensors(tmp_path):
+    """save_hf of a scanned model writes the same per-layer files as the unscanned one, bit for bit; reading
+    them back scanned gives the stacked leaves, each layer's slice equal to that layer's parameter."""
+    from safetensors.numpy import load_file
+    cfg = tiny_deepseek(vocab_size=64, d_model=32, n_layers=3)
+    scfg = cfg.replace(scan_layers=True)
+    save_hf(cfg, init_params(cfg, 3), str(tmp_path / "u"))
+    save_hf(scfg, init_params(scfg, 3), str(tmp_path / "s"))  # same values: scan stacks the same init
+    u, s = load_file(str(tmp_path / "u/model.safetensors")), load_file(str(tmp_path / "s/model.safetensors"))
+    assert sorted(u) == sorted(s) and all(np.array_equal(u[k], s[k]) for k in u)
+    assert "model.layers.2.mlp.experts.15.down_proj.weight" in s
+    _, stacked = load_hf(str(tmp_path / "s"), scan_layers=True)
+    _, flat = load_hf(str(tmp_path / "s"), scan_layers=False)
+    k = np.asarray(stacked["moe_layers"]["mlp"]["experts"]["down_proj"][...])
+    assert k.shape == (2, 16, 64, 32)  # [moe layers 1-2, E, f, d]
+    assert np.array_equal(k[1], np.asarray(flat["layers"][2]["mlp"]["experts"]["down_proj"][...]))
+    q = np.asarray(stacked["dense_layers"]["self_attn"]["q_b_proj"][...])
+    assert q.shape[0] == 1 and np.array_equal(q[0], np.asarray(flat["layers"][0]["self_attn"]["q_b_proj"][...]))
 
 
 def test_mtp_checkpoint_still_loads_in_transformers(tmp_path):
