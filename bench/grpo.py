@@ -3,6 +3,7 @@ log-probs, and the policy update.
 
     python -m bench.grpo [--iters 3] [--generations 8 --prompts 8 --new 64] [--beta 0.04] [--mu 2 --mini-batches 2]
                          [--max-prompt-len 64] [--template short|r1] [--rewards format,accuracy] [--data 1]
+                         [--off-policy-steps 1 --tis-cap 2.0]
 
 Setup: `experiments.config.RLExperiment` with model `small_qwen2(vocab_size=512)` (random weights), prompts from the
 synthetic arithmetic source through the byte tokenizer rendered with a short R1-style template (`--template r1`:
@@ -20,7 +21,11 @@ Phases (medians over the timed iterations):
   teacher-forced forward passes over prompt + completion;
 - update = `time_update`: μ x mini_batches optimizer steps (forward + backward + AdamW);
 - the remainder of the wall time (advantages, metrics, host glue).
-Each reward component is also timed alone on the last rollout's texts.
+Each reward component is also timed alone on the last rollout's texts. With `--off-policy-steps N` (pipelined
+rollouts, grpo.off_policy_steps) generation runs while the update trains, so it is not timed on its own: `rollout`
+is then the time spent waiting for the rollout launched N steps earlier (plus scoring), and the iteration time is
+the figure to compare with N = 0 on the same machine. On a CPU, sampling and training share the same cores, so the
+overlap buys little; on an accelerator the host work (decoding, rewards) overlaps the device's.
 
 Prints a markdown table, the command line, and as its last line
 `RESULT iteration_s=<median> rollout_s=<..> reward_s=<..> logprobs_s=<..> update_s=<..>`.
@@ -58,7 +63,9 @@ def build(args):
         prompts=DataConfig(kind="prompts", source="synthetic", tokenizer="byte", chat_template=template),
         grpo=GRPOConfig(num_generations=args.generations, prompts_per_step=args.prompts,
                         sampling=Sampling(max_new_tokens=args.new),
-                        beta=args.beta, num_iterations=args.mu, mini_batches=args.mini_batches),
+                        beta=args.beta, num_iterations=args.mu, mini_batches=args.mini_batches,
+                        off_policy_steps=args.off_policy_steps,
+                        tis_cap=args.tis_cap if args.off_policy_steps else None),
         mesh=MeshConfig(data=args.data), rewards=rewards, reward_weights=(1.0,) * len(rewards),
         max_prompt_len=args.max_prompt_len, progress=False, tensorboard=False)
 
@@ -95,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--max-prompt-len", type=int, default=64)
     ap.add_argument("--template", choices=("short", "r1"), default="short")
     ap.add_argument("--rewards", default="format,accuracy")
+    ap.add_argument("--off-policy-steps", type=int, default=0, help="pipelined rollouts (grpo.off_policy_steps)")
+    ap.add_argument("--tis-cap", type=float, default=2.0, help="truncated importance sampling cap when pipelined")
     ap.add_argument("--data", type=int, default=1, help="mesh data axis: >1 needs "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=N (the batch is split over N CPU devices)")
     args = ap.parse_args(argv)
@@ -107,7 +116,7 @@ def main(argv=None):
     exp = build(args)
     g = exp.grpo
     # time generation itself (blocked on its output) and detokenisation, inside the loop's own rollout
-    gen_clock = Clock(rollout.generate, block=True)
+    gen_clock = Clock(rollout.generate, block=not args.off_policy_steps)  # blocking would undo the overlap
     rollout.generate = gen_clock
     algo = loop.GRPO(exp)
     reward_clock = Clock(algo.reward)
@@ -123,13 +132,14 @@ def main(argv=None):
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"small_qwen2 ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params), batch {algo.batch} = "
           f"{g.prompts_per_step} prompts x {g.num_generations}, prompt {exp.max_prompt_len}, {g.sampling.max_new_tokens} new "
-          f"tokens, beta {g.beta}, mu {g.num_iterations}, {g.mini_batches} mini-batches, rewards {exp.rewards}",
+          f"tokens, beta {g.beta}, mu {g.num_iterations}, {g.mini_batches} mini-batches, rewards {exp.rewards}, "
+          f"off_policy_steps {g.off_policy_steps}",
           flush=True)
 
     rows, roll = [], None
     for it in range(args.iters + 1):
         b0, c0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
-        state, rng, m, roll = algo.iteration(state, ref, rng)
+        state, rng, m, roll = algo.iteration(state, ref, rng, it)
         jax.block_until_ready(state)
         wall = time.perf_counter() - t0
         others = max(0.0, (machine_busy_s() - b0 - (time.process_time() - c0)) / ((os.cpu_count() or 1) * wall))
