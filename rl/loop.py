@@ -35,7 +35,7 @@ from sharding.distributed import from_host, to_host
 from train.checkpoint import key_data, key_from_data
 from train.config import LossConfig
 from train.data import load_tokenizer, validate_vocab
-from train.loop import load_base_params
+from train.loop import abstract_state, load_base_params
 from train.run import Run, RunError
 from train.step import Trainer
 
@@ -341,10 +341,8 @@ def grpo(exp, records=None, eval_records=None) -> dict:
     try:
         rng, start = jax.random.key(exp.seed), run.latest_step()
         if start:  # our own checkpoint first: init_from is not read when resuming
-            state = trainer.init_state(exp.seed)
-            full = {"train": state, **({"ref": state["params"]} if keep_ref else {})}
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), full)
-            del state, full
+            shapes = abstract_state(trainer)  # shapes + shardings only: nothing allocated beside the restore
+            abstract = {"train": shapes, **({"ref": shapes["params"]} if keep_ref else {})}
             restored = run.ckpt.restore(abstract)
             if restored is None:
                 raise RunError(f"{run.ckpt.directory}: no usable checkpoint; move it away to start afresh")

@@ -15,6 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import flops_per_token, init_params
 from sharding import batch_sharding, make_mesh, use_rules
@@ -22,7 +24,7 @@ from sharding.distributed import global_batch
 from train.checkpoint import Checkpointer, key_data, key_from_data
 from train.data import load_tokenizer, make_iterator, validate_vocab
 from train.run import Run, RunError
-from train.step import Trainer
+from train.step import Trainer, split_trainable
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,37 @@ def matmul_peak_flops(n: int = 1024, reps: int = 5) -> float:
     return _PEAK["peak"]
 
 
+def _sds(shapes, shardings):
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
+
+
+def abstract_params_sharded(trainer: Trainer):
+    """The params as jax.ShapeDtypeStruct leaves carrying the trainer's NamedShardings (nothing allocated)."""
+    with use_rules(trainer.mesh, trainer.rules):
+        shapes = jax.eval_shape(lambda: init_params(trainer.cfg, 0))
+    return _sds(shapes, trainer.param_sharding)
+
+
+def abstract_state(trainer: Trainer) -> dict:
+    """The train state {'params', 'opt_state', 'step'} as jax.ShapeDtypeStruct leaves with the shardings
+    `Trainer.init_state` gives it (moments sharded like their params, counts replicated), from shapes alone.
+
+    Why: restoring into an abstract target allocates only the restored state; building it from a real
+    `init_state` kept a whole fresh state alive beside the restored one (2x the state at the peak).
+    """
+    params = abstract_params_sharded(trainer)
+    init = lambda p: trainer.tx.init(split_trainable(p)[0])  # noqa: E731
+    opt_shapes = jax.eval_shape(init, params)
+    replicated = NamedSharding(trainer.mesh, P())
+    opt_sharding = optax.tree_map_params(trainer.tx, lambda _, sh: sh, opt_shapes,
+                                         split_trainable(trainer.param_sharding)[0],
+                                         transform_non_params=lambda _: replicated)
+    # the step counter replicated like the optimizer's counts: init_state's is an uncommitted jnp.zeros, which jit
+    # may place anywhere; a restored array is committed, and one on device 0 alone clashes with the mesh's
+    return {"params": params, "opt_state": _sds(opt_shapes, opt_sharding),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+
+
 def load_base_params(path: str, trainer: Trainer):
     """The params a run starts from (`init_from`), placed with `trainer`'s shardings, from one of:
 
@@ -61,10 +94,7 @@ def load_base_params(path: str, trainer: Trainer):
         return load_hf(path, param_dtype=trainer.cfg.param_dtype, mesh=trainer.mesh, rules=trainer.rules)[1]
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"init_from={path!r}: not a run directory (no config.json) nor an HF checkpoint")
-    with use_rules(trainer.mesh, trainer.rules):
-        shapes = jax.eval_shape(lambda: init_params(trainer.cfg, 0))
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
-                            trainer.param_sharding)
+    abstract = abstract_params_sharded(trainer)
     ckpt = Checkpointer(os.path.join(path, "checkpoints"))
     restored = ckpt.restore_params(abstract)
     ckpt.close()
@@ -83,9 +113,7 @@ def restore_or_init(exp, trainer: Trainer, ckpt: Checkpointer):
         state = (trainer.state_from_params(load_base_params(exp.init_from, trainer)) if exp.init_from
                  else trainer.init_state(exp.seed))
         return state, rng, None, 0
-    state = trainer.init_state(exp.seed)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = ckpt.restore(abstract)
+    restored = ckpt.restore(abstract_state(trainer))
     if restored is None:
         raise RunError(f"{ckpt.directory}: no usable checkpoint among steps {steps}; move it away to start afresh")
     state, meta = restored
