@@ -41,13 +41,9 @@ def dataclass_from_dict(cls, d: dict | None):
 
 
 def model_config_from_dict(d: dict):
-    """A ModelConfig from its `dataclasses.asdict` form (as run loops save it), rebuilding rope / mla / moe."""
-    from model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
-    d = dict(d)
-    d["rope"] = dataclass_from_dict(RopeConfig, d.get("rope") or {})
-    d["mla"] = dataclass_from_dict(MLAConfig, d.get("mla"))
-    d["moe"] = dataclass_from_dict(MoEConfig, d.get("moe"))
-    return dataclass_from_dict(ModelConfig, d)
+    """A ModelConfig from its `dataclasses.asdict` form (as run loops save it): `model.config.config_from_dict`."""
+    from model.config import config_from_dict
+    return config_from_dict(d)
 
 
 def task_from_dict(d: dict | None):

@@ -599,3 +599,17 @@ def test_packed_documents_are_independent(params_of):
     # without segment ids document B would see document A
     unpacked = _full(cfg, params, tokens, pos)
     assert np.max(np.abs(unpacked[0, la:] - alone[1, :lb])) > 100 * TOL
+
+
+def test_config_from_dict_roundtrip_and_fields_added_later():
+    """A config saved before a field existed (no 'scan_layers', no 'moe.impl') reads back with their defaults, so
+    resuming such a run is not refused as a different model; unknown keys are dropped."""
+    import dataclasses
+
+    from model.config import config_from_dict, deepseek_v3_671b, tiny_deepseek
+    for cfg in (tiny_deepseek(), deepseek_v3_671b()):
+        assert config_from_dict(dataclasses.asdict(cfg)) == cfg
+    old = dataclasses.asdict(tiny_deepseek())
+    del old["scan_layers"], old["moe"]["impl"]
+    old["some_future_field"] = 1
+    assert config_from_dict(old) == tiny_deepseek()

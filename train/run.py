@@ -80,7 +80,11 @@ class Run:
         if not steps:
             return
         saved = self.ckpt.read_meta(steps[-1])["config"]["model"]
-        diff = first_difference(saved, json.loads(json.dumps(dataclasses.asdict(self.exp.model))))
+        # a field the checkpoint predates is the field's default (e.g. scan_layers, added later: False)
+        from model.config import config_from_dict
+        saved = dataclasses.asdict(config_from_dict(saved))
+        diff = first_difference(json.loads(json.dumps(saved)),
+                                json.loads(json.dumps(dataclasses.asdict(self.exp.model))))
         if diff:
             raise RunError(f"{self.ckpt.directory} holds a checkpoint of a different model ({diff}); "
                            "use another run_dir")
