@@ -78,7 +78,7 @@ def abstract_state(trainer: Trainer) -> dict:
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
 
 
-def load_base_params(path: str, trainer: Trainer):
+def load_base_params(path: str, trainer: Trainer | None):
     """The params a run starts from (`init_from`), placed with `trainer`'s shardings, from one of:
 
     - an HF checkpoint directory (config.json + *.safetensors);
@@ -90,6 +90,8 @@ def load_base_params(path: str, trainer: Trainer):
     """
     if os.path.exists(os.path.join(path, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(path)):
         from model.hf import load_hf
+        if trainer is None:  # no mesh to place on: the checkpoint's own layout, default placement
+            return load_hf(path)[1]
         # straight into the trainer's shardings: each device reads only its shard of the files
         return load_hf(path, param_dtype=trainer.cfg.param_dtype, mesh=trainer.mesh, rules=trainer.rules)[1]
     if not os.path.exists(os.path.join(path, "config.json")):
