@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from collections import deque
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +69,10 @@ class GRPO:
         rows = lambda ndim: batch_sharding(t.mesh, t.rules, ndim)
         # keep_sampling_mask: scores (old, reference) over the sampler's kept tokens too (args gain the floors)
         self._mask_kw = {"vocab_limit": self.tok.vocab_size} if g.keep_sampling_mask else {}
-        score = partial(completion_logprobs, exp.model, temperature=g.sampling.temperature, **self._mask_kw)
-        if g.keep_sampling_mask:
-            score = partial(lambda f, p, a, b, c, floors: f(p, a, b, c, floors=floors), score)
+
+        def score(params, prompts, prompt_lens, completions, floors=None):
+            return completion_logprobs(exp.model, params, prompts, prompt_lens, completions, g.sampling.temperature,
+                                       floors=floors, **self._mask_kw)
         self._score_fn = jax.jit(score, in_shardings=(t.param_sharding, rows(2), rows(1), rows(2))
                                  + ((rows(2),) if g.keep_sampling_mask else ()))
 
