@@ -1,0 +1,45 @@
+"""bench/gpu.py and bench/scan.py run end to end at --tiny sizes on CPU and report finite, positive RESULT fields."""
+
+import math
+import re
+
+from bench import gpu, scan
+
+
+def _result_fields(text: str) -> dict[str, float]:
+    fields = {}
+    for line in text.splitlines():
+        if line.startswith("RESULT "):
+            for kv in line.split()[1:]:
+                k, v = kv.split("=", 1)
+                fields[k] = float(v)
+    return fields
+
+
+def _check(fields: dict[str, float], printed: dict[str, float], required: set[str]):
+    assert required <= set(fields), sorted(required - set(fields))
+    for k, v in fields.items():
+        assert re.fullmatch(r"[a-z0-9_]+", k), k
+        assert math.isfinite(v) and v > 0, (k, v)
+        assert math.isclose(printed[k], v, rel_tol=1e-3), (k, printed[k], v)  # printed = returned
+
+
+def test_gpu_bench_tiny(capsys):
+    returned = gpu.main(["--tiny"])
+    out = capsys.readouterr().out
+    fields = _result_fields(out)
+    names = {f"gpu_{p}_{m}" for p in ("dense", "moe") for m in ("tok_s", "mfu", "step_s", "compile_s")}
+    _check(fields, returned, names | {"gpu_peak_tflops", "gpu_sampler_tok_s", "gpu_sampler_compile_s"})
+    assert set(fields) == set(returned)
+    assert "| dense train step" in out and "| moe train step" in out and "| sampler" in out
+
+
+def test_scan_bench_tiny(capsys):
+    returned = scan.main(["--tiny"])
+    fields = _result_fields(capsys.readouterr().out)
+    names = {f"scan_{k}_{v}" for k in ("lower_s", "compile_s", "hlo_lines", "dots", "dense_step_ms",
+                                       "dense_generate_ms") for v in ("unrolled", "scanned")}
+    _check(fields, returned, names)
+    # the unrolled program grows with depth, the scanned one does not
+    assert fields["scan_hlo_lines_unrolled"] > fields["scan_hlo_lines_scanned"]
+    assert fields["scan_dots_unrolled"] > fields["scan_dots_scanned"]
