@@ -5,9 +5,10 @@
 Data: the teacher's (a GRPO run directory's policy) verified traces on RL training prompts, exactly as in rejection
 sampling (experiments/rejection_sft.py; `traces` reuses that stage's traces.jsonl, as R1 distils on the same 800k
 samples), else sampled here with `sample` -> run_dir/traces.jsonl.
-Student: a plain dense decoder (GQA + SwiGLU, no MLA / MoE / MTP), `student`, from a random init — where R1
-starts from pretrained Qwen / Llama models, this student has seen nothing but these traces. SFT on the responses
-for `sft.steps`, no RL, then the held-out evaluation -> run_dir/eval.json.
+Student: a plain dense decoder (GQA + SwiGLU, no MLA / MoE / MTP), `student`, from `init_from` (a pretraining run
+of the student: experiments/pipeline.py gives it a student base trained on the task's corpus, as R1 distils into
+pretrained Qwen / Llama models) or, when empty, from a random init (then it has seen nothing but these traces).
+SFT on the responses for `sft.steps`, no RL, then the held-out evaluation -> run_dir/eval.json.
 """
 
 import dataclasses
@@ -41,6 +42,7 @@ class DistillExperiment(RunConfig):
     teacher: str = "runs/r1"  # a GRPO run directory
     traces: str = ""  # a traces.jsonl to reuse (e.g. runs/rejection_sft/traces.jsonl); '' samples the teacher
     student: ModelConfig = field(default_factory=dense_student)
+    init_from: str = ""  # the student's starting point: a pretraining run of `student` (a student base), '' = random
     sample: TraceConfig = field(default_factory=TraceConfig)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(
         steps=300, optim=OptimConfig(lr=3e-3, warmup_steps=10, schedule="cosine", final_lr_frac=0.1)))
@@ -62,5 +64,5 @@ def main(exp: DistillExperiment) -> None:
     if not os.path.exists(path):
         require_rl_run(exp.teacher, "teacher")
     traces = policy_traces(exp.teacher, r1_zero.TASK.train_records(), exp.sample, path)
-    sft(sft_experiment(exp.name, exp.student, exp.directory, exp.sft, progress=exp.progress,
+    sft(sft_experiment(exp.name, exp.student, exp.directory, exp.sft, init_from=exp.init_from, progress=exp.progress,
                        tensorboard=exp.tensorboard), traces, exp.eval)

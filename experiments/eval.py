@@ -142,7 +142,7 @@ def run_sampling(saved: dict, temperature: float = 0.6, top_p: float = 0.95, max
 def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_tokens: int = 0,
                  temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, batch_size: int = 64,
                  max_prompt_len: int = 0, template: str | None = None, out: str = "", samples: bool = False,
-                 meta: dict | None = None, task=None) -> dict:
+                 meta: dict | None = None, task=None, sampling=None) -> dict:
     """Evaluate the newest checkpoint of a pretraining / SFT / GRPO run directory on `records` and write the metrics
     of `rl.evaluate.evaluate` plus run metadata to `out` (default RUN_DIR/eval.json); returns what it wrote.
 
@@ -151,6 +151,7 @@ def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_token
     48 for a run that did not sample) with `jax.random.key(seed)`. `samples=True` also writes every completion to
     eval_samples.jsonl beside `out`. `meta` adds fields to the 'eval' entry. `task` (a `rl.tasks.Task` or name)
     judges the samples; default: the task the run's config.json names (arithmetic for runs without one).
+    `sampling` (a `rl.rollout.Sampling`) replaces the run's own, so that runs of different kinds sample alike.
     """
     import jax
 
@@ -172,7 +173,7 @@ def evaluate_run(run_dir: str, records: list[dict], *, k: int = 8, max_new_token
     t0 = time.perf_counter()
     params, step = load_run_params(run_dir, saved, model_cfg, mesh)
     t1 = time.perf_counter()
-    sampling = run_sampling(saved, temperature, top_p, max_new_tokens)
+    sampling = sampling or run_sampling(saved, temperature, top_p, max_new_tokens)
     metrics = evaluate(model_cfg, params, tok, records, k=k, sampling=sampling,
                        max_prompt_len=max_prompt_len or saved.get("max_prompt_len") or None,
                        template=template, data_cfg=data_cfg if template is None else None,

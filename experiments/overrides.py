@@ -68,7 +68,8 @@ def _parse(raw: str, tp, path: str):
         parts = [p for p in raw.strip("()[]").split(",") if p.strip()]
         args = typing.get_args(tp)
         inner = args[0] if args else str
-        return tuple(_parse(p.strip(), inner, path) for p in parts)
+        # items may be quoted as in Python ("('a', 'b')"); the quotes are not part of a string item
+        return tuple(_parse(p.strip().strip("'\"") if inner is str else p.strip(), inner, path) for p in parts)
     raise OverrideError(f"{path}: cannot override a field of type {tp} from the command line")
 
 

@@ -96,6 +96,20 @@ class TraceConfig:
     seed: int = 0
 
 
+def matched_rl_steps(sft_cfg: SFTConfig, rl: RLExperiment) -> int:
+    """GRPO steps of `rl` whose training compute matches `sft_cfg`'s SFT run (R1 §4.1's equal-compute comparison).
+
+    Counted in forward-pass token equivalents over the padded tokens each side processes (the hardware computes
+    the padding too): an SFT step is batch_size x seq_len tokens x 3 (forward + backward); a GRPO step is
+    rows x (max_prompt_len + max_new_tokens) tokens x (1 to sample, 1 to score the old policy, 1 more for the
+    reference when it is kept, 3 per update epoch), rows = prompts_per_step x num_generations."""
+    g = rl.grpo
+    sft_tokens = sft_cfg.steps * sft_cfg.batch_size * sft_cfg.seq_len * 3
+    rows = g.prompts_per_step * g.num_generations
+    passes = 1 + 1 + (g.beta > 0 or g.log_kl) + 3 * g.num_iterations
+    return max(1, round(sft_tokens / (rows * (rl.max_prompt_len + g.sampling.max_new_tokens) * passes)))
+
+
 def finished(run_dir: str, steps: int) -> bool:
     """Whether run_dir holds a checkpoint at `steps` or later (a finished run need not be restored to be reused)."""
     from train.checkpoint import Checkpointer
@@ -145,9 +159,9 @@ def root_base(run_dir: str) -> str:
     raise ValueError(f"{run_dir}: init_from chain longer than 32 runs (a cycle?)")
 
 
-def policy_traces(policy_dir: str, records: list[dict], tc: TraceConfig, path: str) -> list[dict]:
+def policy_traces(policy_dir: str, records: list[dict], tc: TraceConfig, path: str, task=None) -> list[dict]:
     """Verified traces [{'prompt', 'response', 'difficulty'}] of the GRPO policy in `policy_dir` on records[:prompts],
-    written to `path` (JSONL, atomically); an existing `path` is read instead."""
+    judged by `task` (default r1_zero's), written to `path` (JSONL, atomically); an existing `path` is read instead."""
     import jax
 
     from rl.traces import verified_traces
@@ -166,7 +180,7 @@ def policy_traces(policy_dir: str, records: list[dict], tc: TraceConfig, path: s
     params = load_base_params(policy_dir, Trainer(model, OptimConfig(schedule="constant"), LossConfig(), mesh))
     traces = verified_traces(model, params, load_tokenizer(prompts.tokenizer), records[:tc.prompts], k=tc.k,
                              max_per_problem=tc.max_per_problem, require_think=tc.require_think, data_cfg=prompts,
-                             task=r1_zero.TASK,
+                             task=task or r1_zero.TASK,
                              sampling=run_sampling(saved, tc.temperature, tc.top_p, tc.max_new_tokens),
                              max_prompt_len=saved["max_prompt_len"], rng=jax.random.key(tc.seed),
                              batch_size=tc.batch_size, mesh=mesh)

@@ -41,12 +41,10 @@ from train.step import Trainer
 log = logging.getLogger(__name__)
 
 
-def reward_function(names, weights):
-    from rl.rewards import REWARDS, combine
-    unknown = [n for n in names if n not in REWARDS]
-    if unknown:
-        raise ValueError(f"rewards: unknown {unknown}; known: {sorted(REWARDS)}")
-    return combine({n: (REWARDS[n], w) for n, w in zip(names, weights)})
+def reward_function(names, weights, seed: int = 0):
+    from rl.rewards import combine, resolve_reward
+    named = [resolve_reward(n, seed) for n in names]
+    return combine({key: (fn, w) for (key, fn), w in zip(named, weights)})
 
 
 class GRPO:
@@ -60,7 +58,7 @@ class GRPO:
         if records is None and exp.prompts.source == "memory":
             records = self.task.train_records(exp.prompts)
         self.source = PromptSource(exp.prompts, records, seed=exp.seed)
-        self.reward = reward_function(exp.reward_names, exp.weights)
+        self.reward = reward_function(exp.reward_names, exp.weights, exp.seed)
         self.batch = g.prompts_per_step * g.num_generations
         self._queue = deque()  # off_policy_steps: (step sampled at, records, pending rollout)
         # teacher-forced log-probs of a rollout batch, split over the data axes like the train step's batch

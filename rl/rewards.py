@@ -26,6 +26,7 @@ Contents:
 - `format_reward`, `accuracy_reward` (integer match), `arithmetic_reward` (answer may be an expression),
   `countdown_reward` (TinyZero), `math_verify_reward` / `MathVerifyReward`, `ReasoningGymReward`, `SandboxedReward`.
 - `soft_overlong_penalty(lengths, max_len, cache_len)` (DAPO eq. 13) and the reward `OverlongPenalty`.
+- `RandomReward(rate, seed)`: the random-reward control; `resolve_reward(name, seed)` reads config names ('random:0.3').
 - `combine({name: (fn, weight)})` -> fn returning (totals, {name: per-completion values}).
 """
 
@@ -36,6 +37,8 @@ import math
 import numbers as _numbers
 import re
 from collections.abc import Callable
+
+import numpy as np
 from fractions import Fraction
 
 from rl.reward_inputs import (
@@ -47,6 +50,7 @@ __all__ = [
     "ANSWER_WINDOW",
     "MathVerifyReward",
     "OverlongPenalty",
+    "RandomReward",
     "ReasoningGymReward",
     "SandboxError",
     "SandboxedReward",
@@ -57,6 +61,7 @@ __all__ = [
     "extract_answer",
     "format_reward",
     "math_verify_reward",
+    "resolve_reward",
     "soft_overlong_penalty",
 ]
 
@@ -279,6 +284,38 @@ def combine(rewards: dict[str, tuple[Callable, float]]) -> Callable[..., tuple[l
 
     combined.__name__ = "combined_reward"
     return combined
+
+
+class RandomReward:
+    """The random-reward control (Spurious Rewards, Shao et al. 2025): 1.0 with probability `rate`, else 0.0, drawn
+    independently for every completion from its own stream (`seed`), whatever the completion says. It carries no
+    information about correctness, so any gain a policy makes under it comes from the optimiser (clipping, length
+    bias), not from the task. Configs name it 'random:<rate>' (`resolve_reward`)."""
+
+    def __init__(self, rate: float = 0.5, seed: int = 0):
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ValueError(f"random reward: rate must be in [0, 1], got {rate}")
+        self.rate, self._rng = float(rate), np.random.default_rng([int(seed), 7919])
+        self.__name__ = "random"
+
+    def __call__(self, completions, **kwargs) -> list[float]:
+        n = len(_completions(completions))
+        return [float(x) for x in (self._rng.random(n) < self.rate)]
+
+
+def resolve_reward(name: str, seed: int = 0) -> tuple[str, Callable]:
+    """(metric name, reward fn) for a config's reward name: a key of REWARDS, or a parametrised one,
+    'random:<rate>' (`RandomReward(rate, seed)`; 'random' alone is rate 0.5). Unknown names fail listing the known."""
+    base, _, arg = str(name).partition(":")
+    if base == "random":
+        try:
+            rate = float(arg) if arg else 0.5
+        except ValueError:
+            raise ValueError(f"rewards: {name!r}: the random reward's rate must be a number ('random:0.3')") from None
+        return "random", RandomReward(rate, seed)
+    if name not in REWARDS or arg:
+        raise ValueError(f"rewards: unknown {name!r}; known: {sorted(REWARDS)} and 'random:<rate>'")
+    return name, REWARDS[name]
 
 
 # Rewards by name, for experiment configs (`rewards=("format", "accuracy")`). Add entries to register more.

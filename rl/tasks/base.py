@@ -3,6 +3,7 @@
     task = get_task("digit_chain")                # or DigitChain(max_terms=8): tasks are frozen dataclasses
     task.train_records(prompts_cfg)               # RL prompts [{'prompt', 'answer', ...}] (None: prompts_cfg's source)
     task.held_out(96)                             # held-out problems, disjoint from training by construction
+    task.splits(96)                               # {split name: held-out problems}: 'in_distribution' (+ 'hard')
     task.correct(completions, records)            # [bool]: the task's correctness (pass@k, maj@k, `accuracy`)
     task.vote_key(answer, record)                 # maj@k's equivalence class of an extracted answer
 
@@ -51,6 +52,10 @@ class Task:
     def held_out(self, n: int) -> list[dict]:
         """The first n held-out problems ({prompt_field, 'answer', ...}; 'difficulty' when the task grades them)."""
         raise NotImplementedError(f"task {self.name!r} has no held-out split")
+
+    def splits(self, n: int) -> dict[str, list[dict]]:
+        """Every held-out split, n problems each: 'in_distribution' (`held_out`), plus any harder split a task adds."""
+        return {"in_distribution": self.held_out(n)}
 
     def corpus(self) -> list[dict] | None:
         """Base-training records for a base stage whose data source is 'memory'; None when the task has none."""

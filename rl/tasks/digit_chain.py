@@ -36,14 +36,16 @@ SLOT = 5  # characters per term after the first: " +5=?" in the prompt, " +5=8" 
 
 
 def digit_chain(seed: int, index: int, min_terms: int = 2, max_terms: int = 6, modulus: int = 10,
-                max_step: int = 2) -> dict:
+                max_step: int = 2, slots: int = 0) -> dict:
     """Record {'prompt', 'answer', 'difficulty' (terms), 'reasoning' (worked response), 'direct' (answer only)}.
 
-    The first term is a digit in [0, modulus); every later one is ±d with d in [1, max_step].
+    The first term is a digit in [0, modulus); every later one is ±d with d in [1, max_step]. The worksheet is
+    right-padded to `slots` terms (0: max_terms), so that longer chains can be posed in the same layout.
     """
-    if not 2 <= min_terms <= max_terms or not 2 <= modulus <= 10 or not 1 <= max_step <= 9:
-        raise ValueError(f"digit_chain: need 2 <= min_terms <= max_terms, 2 <= modulus <= 10, 1 <= max_step <= 9; "
-                         f"got {min_terms}, {max_terms}, {modulus}, {max_step}")
+    slots = slots or max_terms
+    if not 2 <= min_terms <= max_terms <= slots or not 2 <= modulus <= 10 or not 1 <= max_step <= 9:
+        raise ValueError(f"digit_chain: need 2 <= min_terms <= max_terms <= slots, 2 <= modulus <= 10, "
+                         f"1 <= max_step <= 9; got {min_terms}, {max_terms}, {slots}, {modulus}, {max_step}")
     rng = np.random.default_rng([seed, index, 10])
     k = int(rng.integers(min_terms, max_terms + 1))
     digits = [int(rng.integers(0, modulus))] + [int(d) for d in rng.integers(1, max_step + 1, k - 1)]
@@ -53,7 +55,7 @@ def digit_chain(seed: int, index: int, min_terms: int = 2, max_terms: int = 6, m
         value = (value + d if op == "+" else value - d) % modulus
         steps.append(f" {op}{d}={value}")
     sheet = str(digits[0]) + "".join(f" {op}{d}=?" for op, d in zip(ops, digits[1:]))
-    width = 1 + SLOT * (max_terms - 1)
+    width = 1 + SLOT * (slots - 1)
     return {"prompt": f"{sheet:<{width}} (mod {modulus})", "answer": str(value), "difficulty": k,
             "reasoning": f"<think>{''.join(steps)}</think> <answer>{value}</answer>",
             "direct": f"<think></think> <answer>{value}</answer>"}
@@ -114,7 +116,12 @@ def digit_chain_steps(prompt: str, completion: str, max_chars: int = 4096) -> tu
 @dataclass(frozen=True)
 class DigitChain(Task):
     """Digit-chain worksheets (`digit_chain`). Seeds are disjoint streams: the base's corpus (`corpus_seed`), the RL
-    prompts (`prompt_seed`), the held-out problems (`held_out_seed`); 'difficulty' is the number of terms."""
+    prompts (`prompt_seed`), the held-out problems (`held_out_seed`, `hard_seed`); 'difficulty' is the number of terms.
+
+    Splits: 'in_distribution' (min_terms..max_terms terms, as trained) and, when the worksheet has more `slots` than
+    `max_terms`, 'hard': chains of max_terms + 1..slots terms, longer than any problem the corpus or the RL prompts
+    hold, posed in the same padded layout (length generalisation: every step is a known fact, but the model never
+    wrote a chain this long)."""
 
     name = "digit_chain"
     template = SHORT_TEMPLATE
@@ -131,12 +138,19 @@ class DigitChain(Task):
     max_terms: int = 6
     max_step: int = 2
     modulus: int = 10
+    slots: int = 0  # worksheet width in terms (0: max_terms); more slots than max_terms opens the 'hard' split
+    hard_seed: int = 3
 
     def __post_init__(self):
-        seeds = {"task.corpus_seed": self.corpus_seed, "task.prompt_seed": self.prompt_seed}
+        seeds = {"task.corpus_seed": self.corpus_seed, "task.prompt_seed": self.prompt_seed,
+                 "task.hard_seed": self.hard_seed}
         for name, seed in seeds.items():
             if seed == self.held_out_seed:
                 raise ValueError(f"{name}: equals task.held_out_seed={seed}; held-out problems need their own seed")
+        if self.hard_seed in (self.corpus_seed, self.prompt_seed):
+            raise ValueError(f"task.hard_seed: {self.hard_seed} is also a training seed")
+        if self.slots and self.slots < self.max_terms:
+            raise ValueError(f"task.slots: must be 0 or >= task.max_terms={self.max_terms}, got {self.slots}")
         if not 0.0 <= self.reason_prob <= 1.0:
             raise ValueError(f"task.reason_prob: must be in [0, 1], got {self.reason_prob}")
         for name in ("corpus_docs", "train_prompts"):
@@ -147,7 +161,7 @@ class DigitChain(Task):
     @property
     def shape(self) -> dict:
         return {"min_terms": self.min_terms, "max_terms": self.max_terms, "modulus": self.modulus,
-                "max_step": self.max_step}
+                "max_step": self.max_step, "slots": self.slots}
 
     def corpus(self) -> list[dict]:
         return digit_chain_corpus(self.corpus_seed, self.corpus_docs, self.reason_prob, **self.shape)
@@ -157,6 +171,20 @@ class DigitChain(Task):
 
     def held_out(self, n: int) -> list[dict]:
         return digit_chain_prompts(self.held_out_seed, n, **self.shape)
+
+    def hard(self, n: int) -> list[dict]:
+        """n problems of max_terms + 1..slots terms in the same layout (ValueError when slots <= max_terms)."""
+        if self.slots <= self.max_terms:
+            raise ValueError(f"task.slots: the hard split needs more slots than task.max_terms={self.max_terms}, "
+                             f"got {self.slots}")
+        shape = {**self.shape, "min_terms": self.max_terms + 1, "max_terms": self.slots}
+        return digit_chain_prompts(self.hard_seed, n, **shape)
+
+    def splits(self, n: int) -> dict[str, list[dict]]:
+        out = {"in_distribution": self.held_out(n)}
+        if self.slots > self.max_terms:
+            out["hard"] = self.hard(n)
+        return out
 
     def worked(self, seed: int, n: int) -> list[dict]:
         """n worked records {'prompt', 'answer', 'difficulty', 'response'} from `seed` (cold-start traces)."""
