@@ -2,7 +2,7 @@
 
     python -m bench.gpu                     # on a GPU node: one device, bf16 compute, seq 4096 (< 5 min planned)
     python -m bench.gpu --tiny              # CPU smoke test: tiny sizes, < 60 s on 2 cores (tests/test_gpu_bench.py)
-    python -m bench.gpu --parts dense,moe --dense-batch 4 --moe-impl capacity --no-scan --remat block --devices 8
+    python -m bench.gpu --parts dense,moe --dense-batch 32 --moe-impl capacity --no-scan --remat block --devices 8
 
 In one process, on `--devices` devices (default 1) of the default backend:
 1. peak: a bf16 [n, n] @ [n, n] matmul chain (n = 8192; 16 matmuls in one jitted `fori_loop`), median of 5;
@@ -11,20 +11,23 @@ In one process, on `--devices` devices (default 1) of the default backend:
 2. dense: a ~1.1B-parameter Llama-style model (TinyLlama-1.1B's shape: d 2048, 22 layers, 32 heads, 4 KV heads of
    64, SwiGLU 5632, vocab 32000, untied), float32 master weights and AdamW moments with bf16 compute
    (`model.config.ACCELERATOR_PRECISION`), layers scanned (`scan_layers`), `attention_impl='auto'` (cuDNN flash on
-   GPU). `train.step.Trainer` over `sharding.make_mesh(MeshConfig(data=devices))`, random tokens [batch, seq];
-   the first step is timed on its own (trace + compile + one step), then `--steps` steps, each blocked on the
-   new state. tokens/s = batch*seq / median step; MFU = `model.flops_per_token(cfg, seq)` (6 x matmul params +
-   full T x T attention, PaLM's convention) * tokens/s / (measured peak * devices).
+   GPU). `train.step.Trainer` over `sharding.make_mesh(MeshConfig(data=devices))`, random tokens [batch, seq]
+   (batch 8 per device, seq 4096); the first step is timed on its own (trace + compile + one step), then
+   `--steps` steps, each blocked on the new state. tokens/s = batch*seq / median step;
+   MFU = `model.flops_per_token(cfg, seq)` (6 x matmul params + full T x T attention, PaLM's convention)
+   * tokens/s / (measured peak * devices).
 3. moe: a DeepSeek-style MoE of similar active size (~0.9B active of ~2.7B): MLA (16 heads, q_lora 1536,
    kv_lora 512, qk 128+64, v 128), 12 layers (first dense), 32 routed experts top-6 + 2 shared, expert SwiGLU
-   1024, sigmoid router with aux-loss-free bias, no MTP; `--moe-impl dropless` (default) or `capacity`.
+   1024, sigmoid router with aux-loss-free bias, no MTP, batch 4 per device; `--moe-impl dropless` (default) or
+   `capacity`.
    Same measurement; MFU counts active FLOPs only (`flops_per_token` counts shared + top-k routed experts).
-4. sampler: `rl.sampler.generate` on the dense model's trained parameters (float32 masters, bf16 compute, the
-   trainer's sharding) at batch 256, 128-token prompts, 256 new tokens, temperature 1, no EOS (every row
-   generates all of them); first call timed alone, then median of 3. new tokens/s = generated tokens / time
-   (prefill included).
+4. sampler (right after the dense part): `rl.sampler.generate` on the dense model's trained parameters (float32
+   masters, bf16 compute, the trainer's sharding) at batch 256, 128-token prompts, 256 new tokens, temperature 1,
+   no EOS (every row generates all of them); first call timed alone, then median of 3. new tokens/s = generated
+   tokens / time (prefill included).
 Compile time = first call - median of the later calls (trace + lower + XLA compile, as a user waits for it).
-A step that runs out of device memory (RESOURCE_EXHAUSTED) is retried at half the batch, and the table says so.
+A step that runs out of device memory (RESOURCE_EXHAUSTED) is retried at half the batch (a '#' line says so;
+the table shows the batch that ran).
 
 Prints the machine (CPU model via `bench.common.cpu_name()`, or the accelerator's `device_kind`), a markdown
 table, and one RESULT line per part (space-separated key=value; s = seconds, tok_s = tokens per second,
@@ -137,37 +140,38 @@ def _oom(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
-def train_part(cfg: ModelConfig, batch: int, seq: int, steps: int, mesh, keep_params: bool = False) -> dict:
-    """Trainer step timing for `cfg`; halves the batch on device OOM. -> row dict (and the params if asked)."""
+def _train_once(cfg: ModelConfig, batch: int, seq: int, steps: int, mesh) -> tuple[float, float, float, dict]:
+    """-> (first call s, median step s, last loss, trained params). Its locals (state, trainer) die with it."""
+    trainer = Trainer(cfg, OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"), LossConfig(), mesh)
+    toks = np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+    b = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
+    box = {"state": trainer.init_state(0)}
+
+    def step():
+        box["state"], m = trainer.step(box["state"], b)
+        _ready((box["state"], m))
+        box["loss"] = float(m["loss"])
+
+    first, step_s = timed(step, steps)
+    return first, step_s, box["loss"], box["state"]["params"]
+
+
+def train_part(cfg: ModelConfig, batch: int, seq: int, steps: int, mesh) -> dict:
+    """Trainer step timing for `cfg`; halves the batch on device OOM. -> row dict with the trained params."""
+    n_dev = mesh.devices.size
     while True:
-        trainer = state = None
         try:
-            trainer = Trainer(cfg, OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"), LossConfig(), mesh)
-            state = trainer.init_state(0)
-            toks = np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-            b = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
-            box = {"state": state}
-
-            def step():
-                box["state"], m = trainer.step(box["state"], b)
-                _ready((box["state"], m))
-                box["loss"] = float(m["loss"])
-
-            first, step_s = timed(step, steps)
+            first, step_s, loss, params = _train_once(cfg, batch, seq, steps, mesh)
             break
         except Exception as e:  # noqa: BLE001 - only device OOM is retried
-            if not _oom(e) or batch <= mesh.devices.size:
+            if not _oom(e) or batch // 2 < n_dev or (batch // 2) % n_dev:
                 raise
             print(f"# out of device memory at batch {batch}; retrying at batch {batch // 2}", flush=True)
-            del trainer, state
-            gc.collect()
-            batch //= 2
-    tok_s = batch * seq / step_s
-    row = {"batch": batch, "seq": seq, "step_s": step_s, "compile_s": max(first - step_s, 1e-6), "tok_s": tok_s,
-           "flops_per_token": flops_per_token(cfg, seq), "params": count_params(cfg), "loss": box["loss"]}
-    if keep_params:
-        row["trained_params"] = box["state"]["params"]
-    return row
+        gc.collect()
+        batch //= 2
+    return {"batch": batch, "seq": seq, "step_s": step_s, "compile_s": max(first - step_s, 1e-6),
+            "tok_s": batch * seq / step_s, "flops_per_token": flops_per_token(cfg, seq), "params": count_params(cfg),
+            "loss": loss, "trained_params": params}
 
 
 def sampler_part(cfg: ModelConfig, params, mesh, batch: int, prompt: int, new: int, runs: int) -> dict:
@@ -195,8 +199,8 @@ def parse(argv=None):
     p.add_argument("--parts", default="dense,moe,sampler", help="comma-separated subset of dense,moe,sampler")
     p.add_argument("--devices", type=int, default=1, help="data-parallel mesh over this many local devices")
     p.add_argument("--seq", type=int, default=None, help="training sequence length (4096; tiny 32)")
-    p.add_argument("--dense-batch", type=int, default=None, help="dense global batch (8; tiny 2)")
-    p.add_argument("--moe-batch", type=int, default=None, help="MoE global batch (4; tiny 2)")
+    p.add_argument("--dense-batch", type=int, default=None, help="dense global batch (8 per device; tiny 2)")
+    p.add_argument("--moe-batch", type=int, default=None, help="MoE global batch (4 per device; tiny 2)")
     p.add_argument("--moe-impl", default="dropless", choices=("dropless", "capacity"))
     p.add_argument("--moe-experts", type=int, default=32, help="routed experts of the MoE config (16 for 80 GB)")
     p.add_argument("--steps", type=int, default=None, help="timed train steps after the first (8; tiny 2)")
@@ -211,8 +215,8 @@ def parse(argv=None):
                      peak_n=8192), dict(seq=32, dense_batch=2, moe_batch=2, steps=2, sampler_batch=8, prompt=4, new=4,
                                         peak_n=256)
     for k, v in (tiny if a.tiny else big).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+        if getattr(a, k) is None:  # train batches are per device by default, global when given
+            setattr(a, k, v * a.devices if k in ("dense_batch", "moe_batch") else v)
     a.parts = [s for s in a.parts.split(",") if s]
     bad = set(a.parts) - {"dense", "moe", "sampler"}
     if bad:
@@ -254,39 +258,36 @@ def main(argv=None) -> dict:
           + (f"; datasheet {nominal:.1f} TFLOP/s ({peak / nominal:.0%})" if nominal else ""), flush=True)
     print(result_line(results), flush=True)
 
-    dense_params = None
     for part in ("dense", "moe"):
         if part not in a.parts and not (part == "dense" and "sampler" in a.parts):
             continue
         cfg = dense_config(a) if part == "dense" else moe_config(a)
-        batch = a.dense_batch if part == "dense" else a.moe_batch
-        r = train_part(cfg, batch, a.seq, a.steps, mesh, keep_params=part == "dense" and "sampler" in a.parts)
-        if part == "dense":
-            dense_params = r.pop("trained_params", None)
-        if part not in a.parts:  # trained only to feed the sampler
-            continue
-        mfu = r["flops_per_token"] * r["tok_s"] / (peak * 1e12 * a.devices)
-        f = {f"gpu_{part}_tok_s": r["tok_s"], f"gpu_{part}_mfu": mfu, f"gpu_{part}_step_s": r["step_s"],
-             f"gpu_{part}_compile_s": r["compile_s"]}
-        if nominal:
-            f[f"gpu_{part}_mfu_nominal"] = r["flops_per_token"] * r["tok_s"] / (nominal * 1e12 * a.devices)
-        results.update(f)
-        p = r["params"]
-        size = _count(p["total"]) + (f" ({_count(p['active'])} active)" if p["active"] != p["total"] else "")
-        rows.append((f"{part} train step ({size}, {cfg.moe.impl if cfg.moe else 'dense'})",
-                     f"batch {r['batch']} x seq {r['seq']}", f"{r['tok_s']:,.0f} tok/s, {r['step_s'] * 1e3:.1f} ms",
-                     f"{mfu:.1%}" + (f" ({f[f'gpu_{part}_mfu_nominal']:.1%} of datasheet)" if nominal else ""),
-                     f"{r['compile_s']:.1f} s"))
-        print(result_line(f), flush=True)
-
-    if "sampler" in a.parts:
-        r = sampler_part(dense_config(a), dense_params, mesh, a.sampler_batch, a.prompt, a.new, runs=3)
-        f = {"gpu_sampler_tok_s": r["tok_s"], "gpu_sampler_compile_s": r["compile_s"]}
-        results.update(f)
-        rows.append(("sampler (dense, rl.sampler.generate)", f"batch {r['batch']}, prompt {r['prompt']} + {r['new']} new",
-                     f"{r['tok_s']:,.0f} new tok/s, {r['gen_s'] * 1e3:.0f} ms/call", "", f"{r['compile_s']:.1f} s"))
-        print(result_line(f), flush=True)
-    del dense_params
+        r = train_part(cfg, a.dense_batch if part == "dense" else a.moe_batch, a.seq, a.steps, mesh)
+        params = r.pop("trained_params")
+        if part in a.parts:
+            mfu = r["flops_per_token"] * r["tok_s"] / (peak * 1e12 * a.devices)
+            f = {f"gpu_{part}_tok_s": r["tok_s"], f"gpu_{part}_mfu": mfu, f"gpu_{part}_step_s": r["step_s"],
+                 f"gpu_{part}_compile_s": r["compile_s"]}
+            if nominal:
+                f[f"gpu_{part}_mfu_nominal"] = r["flops_per_token"] * r["tok_s"] / (nominal * 1e12 * a.devices)
+            results.update(f)
+            p = r["params"]
+            size = _count(p["total"]) + (f" ({_count(p['active'])} active)" if p["active"] != p["total"] else "")
+            rows.append((f"{part} train step ({size}, {cfg.moe.impl if cfg.moe else 'dense'})",
+                         f"batch {r['batch']} x seq {r['seq']}", f"{r['tok_s']:,.0f} tok/s, {r['step_s'] * 1e3:.1f} ms",
+                         f"{mfu:.1%}" + (f" ({f[f'gpu_{part}_mfu_nominal']:.1%} of datasheet)" if nominal else ""),
+                         f"{r['compile_s']:.1f} s"))
+            print(result_line(f), flush=True)
+        if part == "dense" and "sampler" in a.parts:  # on the trained dense params, freed before the MoE state
+            r = sampler_part(cfg, params, mesh, a.sampler_batch, a.prompt, a.new, runs=3)
+            f = {"gpu_sampler_tok_s": r["tok_s"], "gpu_sampler_compile_s": r["compile_s"]}
+            results.update(f)
+            rows.append(("sampler (dense, rl.sampler.generate)",
+                         f"batch {r['batch']}, prompt {r['prompt']} + {r['new']} new",
+                         f"{r['tok_s']:,.0f} new tok/s, {r['gen_s'] * 1e3:.0f} ms/call", "", f"{r['compile_s']:.1f} s"))
+            print(result_line(f), flush=True)
+        del params
+        gc.collect()
 
     print("\n| part | shape | throughput | MFU (measured peak) | compile |\n|---|---|---|---|---|")
     for row in rows:

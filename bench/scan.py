@@ -1,6 +1,6 @@
 """`model.scan_layers` on vs off: compile time and program size of a deep model, step and decode time of small ones.
 
-    python -m bench.scan                    # the docs/benchmarks.md table (~2-3 min on 2 cores, most of it unrolled)
+    python -m bench.scan                    # the docs/benchmarks.md table (~3-4 min on 2 cores, most of it unrolled)
     python -m bench.scan --tiny             # smoke test: 6 layers, tiny shapes (tests/test_gpu_bench.py)
     python -m bench.scan --layers 24 --presets small_qwen2 --skip-compile
 
@@ -23,7 +23,7 @@ named; `_scanned` / `_unrolled` the two layouts; preset `dense` = small_qwen2, `
            scan_dense_step_ms_unrolled=... scan_dense_step_ms_scanned=... scan_dense_first_s_unrolled=... ...
            scan_dense_generate_ms_unrolled=... scan_dense_generate_ms_scanned=... (and scan_moe_* likewise)
 
-`--tiny`: 6 layers (3 dense + 3 MoE) at batch 2 x seq 16 for the compile part; the dense preset shrunk to
+`--tiny`: 4 layers (3 dense + 1 MoE) at batch 2 x seq 16 for the compile part; the dense preset shrunk to
 d_model 64, 2 layers at batch 2 x seq 16 with 2 timed steps and 4 generated tokens; no MoE preset.
 """
 
@@ -75,7 +75,7 @@ def compile_part(n_layers: int, batch: int, seq: int) -> dict:
         t1 = time.perf_counter()
         lowered.compile()
         t2 = time.perf_counter()
-        out[name] = {"lower_s": t1 - t0, "compile_s": t2 - t1, "hlo_lines": text.count("\n") + 1,
+        out[name] = {"lower_s": t1 - t0, "compile_s": t2 - t1, "hlo_lines": len(text.splitlines()),
                      "dots": text.count("stablehlo.dot_general")}
         print(f"# {n_layers} layers {name}: lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, "
               f"{out[name]['hlo_lines']} StableHLO lines, {out[name]['dots']} dot_general", flush=True)
@@ -119,7 +119,7 @@ def step_part(base: ModelConfig, batch: int, seq: int, steps: int, gen_batch: in
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes")
-    p.add_argument("--layers", type=int, default=None, help="depth of the V3-shaped compile test (61; tiny 6)")
+    p.add_argument("--layers", type=int, default=None, help="depth of the V3-shaped compile test (61; tiny 4)")
     p.add_argument("--presets", default=None, help="comma-separated: small_qwen2,tiny_deepseek (tiny: small_qwen2)")
     p.add_argument("--skip-compile", action="store_true", help="only the presets' step / generate times")
     return p.parse_args(argv)
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     """Runs the comparison, prints tables and the RESULT line; returns {RESULT key: value}."""
     a = parse(argv)
     t_start = time.perf_counter()
-    layers = a.layers or (6 if a.tiny else 61)
+    layers = a.layers or (4 if a.tiny else 61)
     presets = [s for s in (a.presets or ("small_qwen2" if a.tiny else "small_qwen2,tiny_deepseek")).split(",") if s]
     if a.tiny:
         build = {"small_qwen2": lambda: small_qwen2(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
