@@ -5,35 +5,39 @@
                             [--breakdown] [--profile]
 
 In one process:
-1. float32 matmul peak: `jax.jit(jnp.dot)` on 2048x2048, median of 9 runs after 2 warm-ups, GFLOP/s = 2n^3/t.
+1. float32 matmul peak (bench.common.MatmulPeak): `jax.jit(jnp.dot)` on 2048x2048 (--peak-n), 4 dots per sample,
+   median of 9 samples after a warm-up, GFLOP/s = 2n^3/t; one more sample in every forward round.
 2. forward: jitted `forward(cfg, params, tokens, with_mtp=False)` on [batch, seq], median over `rounds` after
    warm-up; tokens/s and achieved GFLOP/s with forward FLOPs = flops_per_token(cfg, seq, with_mtp=False) / 3
    (the counter is forward+backward). The fraction of peak is the median over rounds of (forward GFLOP/s ÷
-   GFLOP/s of one 2048² matmul timed in the same round): on a machine shared with other jobs the available
+   GFLOP/s of the peak sample timed in the same round): on a machine shared with other jobs the available
    cores change within seconds, and pairing cancels most of that. XLA's own FLOP count of the compiled forward
    is printed too (it differs: MoE routed experts run densely, the causal kernel skips masked blocks).
-3. decode: prefill [decode_batch, prompt] into init_cache(cfg, batch, prompt+new), then `new` greedy single-token
-   steps, (a) a Python loop over one jitted step with the cache donated, (b) one jitted `lax.scan` over all
-   steps with the cache donated. ms per step and new tokens/s; the faster is reported.
-4. optionally Hugging Face transformers (PyTorch eager, SDPA, CPU, torch threads = CPUs unless --hf-threads) on
-   the equivalent config: Qwen2ForCausalLM for `small`, DeepseekV3ForCausalLM for `tiny` (random weights; only
+3. decode, through the sampler's own functions: `rl.sampler.prefill` of [decode_batch, prompt] into a cache of
+   prompt+new slots, then `new` greedy single-token steps of `rl.sampler.decode_step` (argmax of its logits),
+   (a) a Python loop over one jitted step with the cache donated, (b) one jitted `lax.scan` over all steps with
+   the cache donated. ms per step and new tokens/s; the faster is reported.
+4. optionally Hugging Face transformers (bench.peers.HFForward: PyTorch eager, SDPA, CPU, torch threads = CPUs
+   unless --hf-threads) on the same config through `model.hf.config_to_hf`: Qwen2ForCausalLM for `small`, DeepseekV3ForCausalLM for `tiny` (random weights; only
    speed is compared). Its forward runs in the same rounds as JAX's; its greedy `generate` decode runs once
    per decode round (prefill subtracted); skipped if transformers/torch are not importable.
 5. `--breakdown`: the forward's pieces jitted and timed alone (attention core, attention block, MLP/MoE, head).
    `--profile`: a jax.profiler trace of the forward and of one decode step, per-HLO-op time grouped by kind.
 
-Ends with `RESULT forward_tok_s=<x> forward_frac_of_peak=<f> decode_tok_s=<y>`.
+Starts with the CPU model and the kernel libraries each side runs (bench.common.header); ends with
+`RESULT forward_tok_s=<x> forward_frac_of_peak=<f> decode_tok_s=<y>`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import glob
 import os
-import shlex
 import sys
-import tempfile
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
+
+import argparse
 import time
 
 import jax
@@ -41,15 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.common import hlo_op_meta, med, n_cpus
-from model import (
-    count_params,
-    flops_per_token,
-    forward,
-    graphdef,
-    init_cache,
-    init_params,
-)
+import rl.sampler as S
+from bench.common import MatmulPeak, command, header, med, n_cpus, timed
+from bench.peers import HFForward
+from bench.profile import print_forward_profile, trace_ops
+from model import count_params, flops_per_token, forward, graphdef, init_params
 from model.attention import attend, attention_mask, self_attention
 from model.config import ModelConfig, small_qwen2, tiny_deepseek
 from model.rope import rope_tables
@@ -57,46 +57,16 @@ from model.rope import rope_tables
 CONFIGS = {"small": small_qwen2, "tiny": tiny_deepseek}
 
 
-def timed(fn, rounds: int, warmup: int = 1, cpu: list | None = None) -> list[float]:
-    """Wall seconds per call of `fn()` (which must block until its result is ready), after `warmup` calls.
-    If `cpu` is a list, this process's CPU seconds per call (all threads) are appended to it: on a machine
-    shared with other jobs they vary far less than wall time."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(rounds):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-        if cpu is not None:
-            cpu.append(time.process_time() - c0)
-    return out
-
-
 def spread(xs):
     return f"{min(xs) * 1e3:.0f}–{max(xs) * 1e3:.0f}"
 
 
-# ---- 1. peak --------------------------------------------------------------------------------------------
-
-def matmul_peak(n: int = 2048, runs: int = 9) -> dict:
-    """Median GFLOP/s of `runs` calls after 2 warm-ups; "call" times one more matmul (for pairing with rounds)."""
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    cpu = []
-    ts = timed(lambda: dot(a, b).block_until_ready(), runs, warmup=2, cpu=cpu)
-    return {"gflops": 2 * n ** 3 / med(ts) / 1e9, "best": 2 * n ** 3 / min(ts) / 1e9, "times": ts,
-            "cpu_gflops": 2 * n ** 3 / med(cpu) / 1e9, "flops": 2 * n ** 3,
-            "call": lambda: timed(lambda: dot(a, b).block_until_ready(), 1, warmup=0)[0]}
-
-
 # ---- 2. forward -----------------------------------------------------------------------------------------
 
-def bench_forward(cfg: ModelConfig, params, batch: int, seq: int, rounds: int, peak: dict, peer=None) -> dict:
-    """Median forward time over `rounds` after warm-up. Each round also times one peak matmul (`peak['call']`)
-    so the fraction of peak can be taken round by round, and, with a `peer` (HFPeer), its forward, so all of
-    them see the same machine load."""
+def bench_forward(cfg: ModelConfig, params, batch: int, seq: int, rounds: int, peak: MatmulPeak, peer=None) -> dict:
+    """Median forward time over `rounds` after warm-up. Each round also takes one peak sample so the fraction of
+    peak can be taken round by round, and, with a `peer` (HFForward), times its forward, so all of them see the
+    same machine load."""
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
     fwd = jax.jit(lambda p, t: forward(cfg, p, t, with_mtp=False)[0])
     t0 = time.perf_counter()
@@ -115,44 +85,41 @@ def bench_forward(cfg: ModelConfig, params, batch: int, seq: int, rounds: int, p
         peer.forward()
     peak_ts = []
     for _ in range(rounds):
-        peak_ts.append(peak["call"]())
+        peak_ts.append(peak.sample().wall)
         ts += timed(lambda: compiled(params, tokens).block_until_ready(), 1, warmup=0, cpu=cpu)
         if peer is not None:
             peer_ts += timed(peer.forward, 1, warmup=0)
     t = med(ts)
     fwd_flops = flops_per_token(cfg, seq, with_mtp=False) / 3 * batch * seq
-    paired = [(fwd_flops / tf) / (peak["flops"] / tp) for tf, tp in zip(ts, peak_ts)]
+    paired = [(fwd_flops / tf) / (peak.flops / tp) for tf, tp in zip(ts, peak_ts)]
     return {"time": t, "times": ts, "cpu": med(cpu), "cpu_gflops": fwd_flops / med(cpu) / 1e9,
             "tok_s": batch * seq / t, "gflops": fwd_flops / t / 1e9, "xla_gflops": xla_flops / t / 1e9,
             "flops": fwd_flops, "xla_flops": xla_flops, "compile_s": compile_s, "fn": compiled, "tokens": tokens,
             "peer_times": peer_ts, "paired_frac": med(paired), "paired_fracs": paired,
-            "round_peak_gflops": med([peak["flops"] / tp / 1e9 for tp in peak_ts])}
+            "round_peak_gflops": med([peak.flops / tp / 1e9 for tp in peak_ts])}
 
 
 # ---- 3. decode ------------------------------------------------------------------------------------------
 
-def _step(cfg, params, tok, cache):
-    logits, cache, _ = forward(cfg, params, tok[:, None], cache=cache, with_mtp=False)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-
 def make_decoders(cfg: ModelConfig, batch: int, prompt_len: int, new: int):
-    max_len = prompt_len + new
+    """Greedy decoding from the sampler's own pieces: prefill(params, prompt) -> (token, cache);
+    step(params, token, positions, cache) -> (token, cache) with the cache donated; scan(params, token, cache) ->
+    (tokens [batch, new], cache), all `new` steps in one jitted lax.scan."""
+    lens = jnp.full((batch,), prompt_len, jnp.int32)
 
-    @jax.jit
-    def prefill(params, prompt):
-        cache = init_cache(cfg, batch, max_len)
-        logits, cache, _ = forward(cfg, params, prompt, cache=cache, with_mtp=False)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+    def greedy(logits_cache):
+        logits, cache = logits_cache
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
-    step = jax.jit(lambda p, t, c: _step(cfg, p, t, c), donate_argnums=(2,))
+    prefill = jax.jit(lambda params, prompt: greedy(S.prefill(cfg, params, prompt, lens, new)))
+    step = jax.jit(lambda p, t, pos, c: greedy(S.decode_step(cfg, p, t, pos, c)), donate_argnums=(3,))
 
     def scan_all(params, tok, cache):
-        def body(carry, _):
+        def body(carry, i):
             tok, cache = carry
-            nxt, cache = _step(cfg, params, tok, cache)
+            nxt, cache = greedy(S.decode_step(cfg, params, tok, lens + i, cache))
             return (nxt, cache), nxt
-        (_, cache), toks = jax.lax.scan(body, (tok, cache), None, length=new)
+        (_, cache), toks = jax.lax.scan(body, (tok, cache), jnp.arange(new, dtype=jnp.int32))
         return toks.T, cache
 
     scan = jax.jit(scan_all, donate_argnums=(2,))
@@ -165,14 +132,15 @@ def bench_decode(cfg: ModelConfig, params, batch: int, prompt_len: int, new: int
     round too (fewer new tokens if `rounds` of them would exceed `peer_budget_s`)."""
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
     prefill, step, scan = make_decoders(cfg, batch, prompt_len, new)
+    positions = [jnp.full((batch,), prompt_len + i, jnp.int32) for i in range(new)]
 
     def run_loop():
         tok, cache = prefill(params, prompt)
         jax.block_until_ready(cache)
         c0, t0 = time.process_time(), time.perf_counter()
         out = []
-        for _ in range(new):
-            tok, cache = step(params, tok, cache)
+        for i in range(new):
+            tok, cache = step(params, tok, positions[i], cache)
             out.append(tok)
         toks = jnp.stack(out, axis=1).block_until_ready()
         return time.perf_counter() - t0, time.process_time() - c0, toks
@@ -219,86 +187,6 @@ def bench_decode(cfg: ModelConfig, params, batch: int, prompt_len: int, new: int
     res["best"] = min(("loop", "scan"), key=lambda k: res[k]["time"])
     res["step_fn"], res["prefill_fn"], res["prompt"] = step, prefill, prompt
     return res
-
-
-# ---- 4. Hugging Face peer -------------------------------------------------------------------------------
-
-def hf_model(cfg: ModelConfig):
-    import torch
-    import transformers
-
-    rope = {"rope_theta": cfg.rope.theta, "rope_type": "default"}
-    if cfg.mla is None:
-        if not cfg.qkv_bias or cfg.qk_norm or cfg.o_bias:
-            raise NotImplementedError("only Qwen2-style dense configs have an HF equivalent here")
-        hcfg = transformers.Qwen2Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-            max_position_embeddings=cfg.max_seq_len, rope_parameters=rope)
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        m, e = cfg.mla, cfg.moe
-        hcfg = transformers.DeepseekV3Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-            moe_intermediate_size=e.mlp_dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads, n_shared_experts=e.n_shared_experts, n_routed_experts=e.n_routed_experts,
-            routed_scaling_factor=e.routed_scaling_factor, kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank,
-            qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, qk_nope_head_dim=m.qk_nope_head_dim,
-            n_group=e.n_groups, topk_group=e.topk_groups, num_experts_per_tok=e.experts_per_token,
-            first_k_dense_replace=e.first_k_dense, norm_topk_prob=e.norm_topk_prob, rms_norm_eps=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_seq_len, rope_parameters=rope,
-            num_nextn_predict_layers=0)
-        cls = transformers.DeepseekV3ForCausalLM
-    hcfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = cls(hcfg).eval().to(torch.float32)
-    return model
-
-
-class HFPeer:
-    """The Hugging Face model on the same shapes: forward on [batch, seq]; greedy `generate` on the decode batch.
-
-    Decode cost per step = (time of generate(n) - time of generate(1)) / (n - 1), which leaves out the prompt's
-    prefill as the JAX decode timing does."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, seq: int, dbatch: int, prompt_len: int, threads: int):
-        import torch
-
-        self.torch = torch
-        torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
-        self.model = hf_model(cfg)
-        self.params = sum(p.numel() for p in self.model.parameters())
-        g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-        self.prompt = torch.randint(0, cfg.vocab_size, (dbatch, prompt_len), generator=g)
-        self.mask = torch.ones_like(self.prompt)
-
-    def forward(self):
-        with self.torch.inference_mode():
-            self.model(input_ids=self.tokens, use_cache=False, logits_to_keep=0)
-
-    def generate(self, n: int) -> float:
-        """Seconds for prefill + n greedy new tokens (no EOS)."""
-        with self.torch.inference_mode():
-            t0 = time.perf_counter()
-            out = self.model.generate(input_ids=self.prompt, attention_mask=self.mask, max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-            dt = time.perf_counter() - t0
-        assert out.shape[1] == self.prompt.shape[1] + n, out.shape
-        return dt
-
-    def decode_tokens(self, new: int, rounds: int, budget_s: float) -> int:
-        """Warm up; the number of new tokens (<= new) whose decodes, `rounds` of them, fit in budget_s."""
-        self.generate(2)
-        per_token = max(self.generate(9) - self.generate(1), 1e-6) / 8
-        if per_token * new * rounds <= budget_s:
-            return new
-        return max(9, min(new, int(budget_s / (per_token * rounds))))
-
-    def decode_step_time(self, n: int) -> float:
-        return max(self.generate(n) - self.generate(1), 1e-9) / (n - 1)
 
 
 # ---- 5. where the time goes -----------------------------------------------------------------------------
@@ -357,68 +245,6 @@ def breakdown(cfg: ModelConfig, params, batch: int, seq: int, rounds: int) -> li
     return [(name, med(timed(fn, rounds, warmup=2)) * 1e3, n) for name, fn, n in pieces]
 
 
-_KINDS = [  # (substring of the HLO op_name metadata, kind), first match wins
-    ("bkgtd,bksd->bkgts", "attention QKᵀ"), ("bhtc,bsc->bhts", "attention QKᵀ"), ("bhtr,bsr->bhts", "attention QKᵀ"),
-    ("bkgts,bksd->bkgtd", "attention softmax+PV"), ("bhts,bsc->bhtc", "attention softmax+PV"),
-    ("select_n", "attention mask (where)"), ("reduce_max", "softmax"), ("/exp", "softmax"),
-    ("btd,dhk->bhtk", "q/k/v projections"), ("btc,chk->bhtk", "q/k/v projections"),
-    ("bsc,chk->bhsk", "MLA latent up-projection"), ("bhtk,chk->bhtc", "MLA absorb"), ("bhtc,chv->bhtv", "MLA absorb"),
-    ("bhtk,hkd->btd", "o_proj"), ("nd,edf->enf", "routed experts"), ("enf,efd->nd", "routed experts"),
-    ("top_k", "router"), ("one_hot", "router"), ("dynamic_update_slice", "cache write"),
-    ("concatenate", "RoPE / concat"), ("dot_general", "dense matmul (MLP, lm_head, MLA down-proj)"),
-]
-
-
-def profile(call, hlo: str, calls: int, label: str) -> list[tuple[str, float, str]]:
-    """Per-HLO-op time (ms per call, summed over threads) from a jax.profiler trace of `call()`, whose compiled
-    module's text is `hlo` (trace events are named after its instructions)."""
-    meta = hlo_op_meta(hlo)
-    jax.block_until_ready(call())
-    d = tempfile.mkdtemp(prefix=f"bench_{label}_")
-    with jax.profiler.trace(d):
-        for _ in range(calls):
-            jax.block_until_ready(call())
-    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    if not files:
-        return []
-    data = jax.profiler.ProfileData.from_file(files[0])
-    per_op = collections.Counter()
-    for plane in data.planes:
-        for line in plane.lines:
-            for ev in line.events:
-                if ev.name in meta:
-                    per_op[ev.name] += ev.duration_ns
-    return [(name, ns / calls / 1e6, meta[name][1] + "  " + meta[name][0]) for name, ns in per_op.most_common()]
-
-
-def kind_of(name: str, desc: str) -> str:
-    """Kind of one executed op from its HLO instruction name and `op_name  shape` description."""
-    if "dynamic_update_slice" in desc:
-        return "cache write"
-    if "/while/" in desc:  # the only loop in a forward is the blocked causal attention kernel's lax.map
-        return "attention (blocked causal kernel, in its loop)"
-    if name.startswith(("copy", "transpose")):  # XLA names a fusion after its root ops: a relayout (+ fused math)
-        return "layout copies (transposes, with fused elementwise)"
-    for key, kind in _KINDS:
-        if key in desc:
-            return kind
-    return "other elementwise / reductions"
-
-
-def print_profile(ops, title, top=12):
-    total = sum(ms for _, ms, _ in ops)
-    kinds = collections.Counter()
-    for name, ms, desc in ops:
-        kinds[kind_of(name, desc)] += ms
-    print(f"\n### {title}: per-op time from jax.profiler (ms per call, summed over threads; total {total:.1f} ms)\n")
-    print("| kind (by HLO op_name) | ms | share |\n|---|---|---|")
-    for k, ms in kinds.most_common():
-        print(f"| {k} | {ms:.2f} | {ms / total:.0%} |")
-    print(f"\nTop {top} ops:\n\n| op | ms | op_name / shape |\n|---|---|---|")
-    for name, ms, desc in ops[:top]:
-        print(f"| {name} | {ms:.2f} | `{desc[:110]}` |")
-
-
 # ---- main -----------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -438,9 +264,11 @@ def main(argv=None):
                     help="seconds allowed for the timed HF decodes; fewer new tokens are generated if they would "
                          "exceed it")
     ap.add_argument("--breakdown", action="store_true", help="time the forward's pieces alone")
+    ap.add_argument("--peak-n", type=int, default=2048,
+                    help="matmul size of the float32 peak (figures quote 2048; smaller only for smoke tests)")
     ap.add_argument("--profile", action="store_true", help="jax.profiler per-op times of forward and decode step")
     args = ap.parse_args(argv)
-    cmd = "python -m bench.forward " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    cmd = command("bench.forward", argv)
 
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     cfg = CONFIGS[args.config]()
@@ -448,24 +276,26 @@ def main(argv=None):
         ap.error(f"prompt + new = {args.prompt + args.new} exceeds max_seq_len {cfg.max_seq_len}")
     params = init_params(cfg)
     counts = count_params(cfg)
-    print(f"# bench.forward: config={args.config} params total={counts['total']:,} active={counts['active']:,} "
-          f"(MTP {counts['mtp']:,} not used)  jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"{n_cpus()} CPUs")
 
     peer, hf_err = None, None
     if not args.no_hf:
         try:
-            peer = HFPeer(cfg, args.batch, args.seq, args.decode_batch, args.prompt, args.hf_threads)
+            peer = HFForward(cfg, args.batch, args.seq, args.decode_batch, args.prompt, args.hf_threads)
         except ImportError as e:
             hf_err = f"skipped: {e}"
         except Exception as e:  # noqa: BLE001 - a peer failing must not sink the benchmark
             hf_err = f"failed: {type(e).__name__}: {e}"
-        if hf_err:
-            print(f"hugging face: {hf_err}", flush=True)
+    header("bench.forward", torch=peer is not None)
+    print(f"config={args.config} params total={counts['total']:,} active={counts['active']:,} "
+          f"(MTP {counts['mtp']:,} not used)")
+    if hf_err:
+        print(f"hugging face: {hf_err}", flush=True)
 
-    peak = matmul_peak()
-    print(f"matmul peak: {peak['gflops']:.1f} GFLOP/s (best {peak['best']:.1f})", flush=True)
-    fw = bench_forward(cfg, params, args.batch, args.seq, args.rounds, peak, peer)
+    pk = MatmulPeak(args.peak_n)
+    pk.sample(9, warmup=1)
+    peak = pk.stats()
+    print(f"matmul peak: {peak['gflops']:.1f} GFLOP/s (best {peak['max']:.1f})", flush=True)
+    fw = bench_forward(cfg, params, args.batch, args.seq, args.rounds, pk, peer)
     frac = fw["paired_frac"]
     print(f"forward: {fw['time'] * 1e3:.0f} ms, {fw['tok_s']:,.0f} tok/s, {fw['gflops']:.1f} GFLOP/s "
           f"({frac:.0%} of peak); compile {fw['compile_s']:.1f} s", flush=True)
@@ -480,20 +310,21 @@ def main(argv=None):
     print(f"\n## {args.config}: forward [{args.batch}×{args.seq}], decode [{args.decode_batch}, prompt {args.prompt}, "
           f"+{args.new}]\n")
     print("| measurement | value |\n|---|---|")
-    print(f"| f32 matmul peak, `jit(jnp.dot)` 2048² (median of 9) | {peak['gflops']:.1f} GFLOP/s |")
+    print(f"| f32 matmul peak, {pk.label()} (median of {peak['n']}/{peak['of']} samples) | "
+          f"{peak['gflops']:.1f} GFLOP/s |")
     print(f"| forward, median of {args.rounds} (range ms) | {fw['time'] * 1e3:.0f} ms ({spread(fw['times'])}) |")
     print(f"| forward throughput | **{fw['tok_s']:,.0f} tok/s** |")
     print(f"| forward FLOPs/token (flops_per_token/3) | {fw['flops'] / fwd_tok / 1e6:.2f} MFLOP |")
-    print(f"| f32 matmul peak, one 2048² matmul in each forward round (median) | "
+    print(f"| f32 matmul peak, one sample in each forward round (median) | "
           f"{fw['round_peak_gflops']:.1f} GFLOP/s |")
     print(f"| achieved (model FLOPs) | {fw['gflops']:.1f} GFLOP/s = {fw['gflops'] / peak['gflops']:.0%} of the "
-          f"9-run peak; **{frac:.0%} of peak** as the median of per-round ratios (forward ÷ that round's matmul: "
+          f"peak; **{frac:.0%} of peak** as the median of per-round ratios (forward ÷ that round's matmul: "
           f"{', '.join(f'{x:.2f}' for x in fw['paired_fracs'])}) |")
     print(f"| achieved (XLA cost_analysis FLOPs, {fw['xla_flops'] / fwd_tok / 1e6:.2f} MFLOP/token) | "
           f"{fw['xla_gflops']:.1f} GFLOP/s = {frac * fw['xla_flops'] / fw['flops']:.0%} of peak (per-round) |")
-    print(f"| CPU time (all threads) per 2048² matmul / per forward; fraction of peak by CPU time | "
-          f"{2 * 2048 ** 3 / peak['cpu_gflops'] / 1e9 * 1e3:.0f} ms / {fw['cpu'] * 1e3:.0f} ms; "
-          f"{fw['cpu_gflops'] / peak['cpu_gflops']:.0%} |")
+    print(f"| CPU time (all threads) per {pk.n}² matmul / per forward; fraction of peak by CPU time | "
+          f"{2 * pk.n ** 3 / peak['per_cpu_s'] / 1e9 * 1e3:.0f} ms / {fw['cpu'] * 1e3:.0f} ms; "
+          f"{fw['cpu_gflops'] / peak['per_cpu_s']:.0%} |")
     print(f"| forward compile (lower+compile) | {fw['compile_s']:.1f} s |")
     print(f"| prefill [{args.decode_batch}×{args.prompt}] into the cache | {dec['prefill_time'] * 1e3:.0f} ms |")
     for k, label in (("loop", "Python loop of a jitted step, cache donated"), ("scan", "one jitted `lax.scan`")):
@@ -533,18 +364,19 @@ def main(argv=None):
                 print(f"| {name} | {ms:.1f} | – | – | – |")
 
     if args.profile:
-        ops = profile(lambda: fw["fn"](params, fw["tokens"]), fw["fn"].as_text(), 3, "fwd")
-        print_profile(ops, f"forward [{args.batch}×{args.seq}]")
+        ops = trace_ops(lambda: fw["fn"](params, fw["tokens"]), fw["fn"].as_text(), 3, "fwd")
+        print_forward_profile(ops, f"forward [{args.batch}×{args.seq}]")
         step, prefill, prompt = dec["step_fn"], dec["prefill_fn"], dec["prompt"]
         tok, cache = prefill(params, prompt)
-        hlo = step.lower(params, tok, cache).compile().as_text()
+        pos = jnp.full((args.decode_batch,), args.prompt + args.new // 2, jnp.int32)
+        hlo = step.lower(params, tok, pos, cache).compile().as_text()
         state = {"tok": tok, "cache": cache}
 
         def one_step():  # the cache is donated: thread the live buffer through each call
-            state["tok"], state["cache"] = step(params, state["tok"], state["cache"])
+            state["tok"], state["cache"] = step(params, state["tok"], pos, state["cache"])
             return state["tok"]
-        ops = profile(one_step, hlo, 20, "decode")
-        print_profile(ops, f"decode step [{args.decode_batch}×1, cache {args.prompt + args.new}]")
+        ops = trace_ops(one_step, hlo, 20, "decode")
+        print_forward_profile(ops, f"decode step [{args.decode_batch}×1, cache {args.prompt + args.new}]")
 
     load_end = os.getloadavg()[0]
     busy = " — other processes were competing for the cores" if max(load_start, load_end) > n_cpus() + 0.5 else ""

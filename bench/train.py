@@ -4,7 +4,7 @@
                           [--budget 75] [--max-others 0.1] [--devices 1] [--breakdown] [--profile]
 
 In one process:
-1. float32 matmul peak: `jax.jit(jnp.dot)` on 2048x2048, GFLOP/s = 2n^3/t; a sample is 4 back-to-back dots;
+1. float32 matmul peak: `jax.jit(jnp.dot)` on 2048x2048 (--peak-n), GFLOP/s = 2n^3/t; a sample is 4 back-to-back dots;
    9 samples at the start plus one in every timed round; the peak is their median (torch.mm is printed too).
    Shared machines: every timed call also reads /proc/stat, and is *clean* if other processes (and hypervisor
    steal) used less than --max-others (10 %) of the machine's CPU capacity meanwhile. Medians are taken over
@@ -14,9 +14,9 @@ In one process:
    ours: `Trainer(cfg, OptimConfig(), LossConfig(), make_mesh(MeshConfig(data=1), jax.devices()[:1]))`, a random
    token batch [batch, seq] (inputs / targets = inputs shifted by one / loss_mask of ones), `warmup` steps (the
    first compiles), then timed steps, each blocked on the new state and the metrics;
-   theirs: transformers Qwen2ForCausalLM (small) / DeepseekV3ForCausalLM (tiny) built from the equivalent config,
-   PyTorch eager on CPU, SDPA attention, torch.set_num_threads(cpu count), on the same batch: forward, masked
-   token cross-entropy, loss.backward(), clip_grad_norm_(1.0), torch.optim.AdamW(betas=(0.9, 0.95), wd=0.1).
+   theirs (bench.peers.HFTrain): transformers Qwen2ForCausalLM (small) / DeepseekV3ForCausalLM (tiny) built from
+   the same config through `model.hf.config_to_hf`, PyTorch eager on CPU, SDPA attention,
+   torch.set_num_threads(cpu count), on the same batch: forward, masked token cross-entropy, loss.backward(), clip_grad_norm_(1.0), torch.optim.AdamW(betas=(0.9, 0.95), wd=0.1).
    Rounds are interleaved (peak sample, ours, theirs, peak sample, ours, theirs, ...).
    tokens/s = batch*seq / median step time; MFU = flops_per_token(cfg, seq) * tokens/s / matmul peak; also the
    CPU-seconds per step and "MFU per CPU-s" (FLOPs per CPU-second of the step / per CPU-second of the dot).
@@ -25,33 +25,45 @@ In one process:
    for dense configs also the MLP matmuls and the SiLU backward with/without the transpose XLA fuses into it.
    `--profile`: a jax.profiler trace of the train step, per-HLO-op time by component (attention core, MoE routed
    experts, the rest, optimizer) and op type (matmul, layout copies, elementwise), fwd/bwd.
-   `--devices N`: a data-parallel mesh over N JAX devices (on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N).
+   `--devices N`: a data-parallel mesh over N JAX devices (on CPU with
+   XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
-Thread settings are the process environment's; see docs/benchmarks_train.md for the XLA_FLAGS comparison.
-Prints a markdown table, the command line, and as its last line
+Thread settings are the process environment's; see docs/benchmarks.md for the XLA_FLAGS comparison.
+Starts with the CPU model and the kernel libraries each side runs (bench.common.header); prints a markdown table,
+the command line, and as its last line
 `RESULT mfu=<fraction> speedup_vs_transformers=<ratio> moe_speedup_vs_transformers=<ratio>`: MFU and speed ratio
 for the small config, speed ratio for the tiny MoE config (nan where not measured).
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
-import glob
-import math
 import os
-import re
-import shlex
 import sys
-import tempfile
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
+
+import argparse
+import math
 import time
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import hlo_op_meta, machine_busy_s, med, n_cpus
+from bench.common import (
+    MAX_OTHERS,
+    MatmulPeak,
+    command,
+    header,
+    measure,
+    med,
+    n_cpus,
+    pick,
+    torch_peak,
+)
+from bench.peers import HFTrain
+from bench.profile import print_train_profile, trace_ops
 from model import count_params, flops_per_token
 from model.config import ModelConfig, small_qwen2, tiny_deepseek
 from sharding.mesh import MeshConfig, make_mesh
@@ -61,85 +73,6 @@ from train.step import Trainer
 CONFIGS = {"small": small_qwen2, "tiny": tiny_deepseek}
 OPTIM = {"lr": 3e-3, "warmup_steps": 20, "total_steps": 1000, "b1": 0.9, "b2": 0.95, "weight_decay": 0.1,
          "clip_norm": 1.0}
-MAX_OTHERS = 0.10  # default: a timed call is "clean" if other processes used < 10 % of the machine meanwhile
-
-
-def timed(fn, rounds: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-# ---- measuring on a shared machine ----------------------------------------------------------------------
-
-
-
-@dataclass
-class Sample:
-    wall: float  # seconds
-    cpu: float  # CPU-seconds of this process, all threads
-    others: float  # fraction of the machine's CPU capacity used by other processes (and steal) meanwhile
-
-    def clean(self, max_others: float) -> bool:
-        return not self.others > max_others  # nan (no /proc/stat) counts as clean
-
-
-def measure(fn) -> Sample:
-    b0, c0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
-    fn()
-    t, c, b = time.perf_counter() - t0, time.process_time() - c0, machine_busy_s() - b0
-    return Sample(t, c, max(0.0, (b - c) / ((os.cpu_count() or 1) * t)))
-
-
-def pick(samples: list[Sample], need: int, max_others: float) -> tuple[list[Sample], bool]:
-    """The clean samples if there are at least `need` (and >= 1), else all of them; and whether clean."""
-    clean = [x for x in samples if x.clean(max_others)]
-    return (clean, True) if len(clean) >= max(need, 1) else (samples, False)
-
-
-# ---- peak -----------------------------------------------------------------------------------------------
-
-class MatmulPeak:
-    """GFLOP/s of `jax.jit(jnp.dot)` on float32 n x n. A sample times `reps` back-to-back dots (so one sample
-    lasts long enough for /proc/stat's 10 ms ticks); the peak is the median over clean samples."""
-
-    def __init__(self, n: int = 2048, reps: int = 4):
-        self.n, self.reps = n, reps
-        self.a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-        self.b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-        self.dot = jax.jit(jnp.dot)
-        self.samples: list[Sample] = []
-
-    def _run(self):
-        for _ in range(self.reps):
-            self.dot(self.a, self.b).block_until_ready()
-
-    def sample(self, runs: int = 1, warmup: int = 0):
-        for _ in range(warmup):
-            self._run()
-        for _ in range(runs):
-            self.samples.append(measure(self._run))
-
-    def gflops_of(self, x: Sample, cpu: bool = False) -> float:
-        return 2 * self.n ** 3 * self.reps / (x.cpu if cpu else x.wall) / 1e9
-
-    def stats(self, max_others: float, need: int = 3) -> dict:
-        xs, clean = pick(self.samples, need, max_others)
-        return {"gflops": med([self.gflops_of(x) for x in xs]), "per_cpu_s": med([self.gflops_of(x, True) for x in xs]),
-                "max": max(self.gflops_of(x) for x in self.samples), "n": len(xs), "of": len(self.samples),
-                "clean": clean}
-
-
-def torch_peak(n: int = 2048, runs: int = 9) -> float:
-    import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    ts = timed(lambda: torch.mm(a, b), runs, warmup=2)
-    return 2 * n ** 3 / med(ts) / 1e9
 
 
 # ---- batch ----------------------------------------------------------------------------------------------
@@ -164,71 +97,6 @@ class Ours:
         self.state, metrics = self.trainer.step(self.state, self.batch)
         jax.block_until_ready((self.state, metrics))
         self.losses.append(float(metrics["loss"]))
-
-
-# ---- theirs ---------------------------------------------------------------------------------------------
-
-def hf_model(cfg: ModelConfig):
-    import torch
-    import transformers
-
-    rope = {"rope_theta": cfg.rope.theta, "rope_type": "default"}
-    if cfg.mla is None:
-        if not cfg.qkv_bias or cfg.qk_norm or cfg.o_bias:
-            raise NotImplementedError("only Qwen2-style dense configs have an HF equivalent here")
-        hcfg = transformers.Qwen2Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-            max_position_embeddings=cfg.max_seq_len, rope_parameters=rope, attention_dropout=0.0,
-            use_cache=False)
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        m, e = cfg.mla, cfg.moe
-        hcfg = transformers.DeepseekV3Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-            moe_intermediate_size=e.mlp_dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads, n_shared_experts=e.n_shared_experts, n_routed_experts=e.n_routed_experts,
-            routed_scaling_factor=e.routed_scaling_factor, kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank,
-            qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, qk_nope_head_dim=m.qk_nope_head_dim,
-            n_group=e.n_groups, topk_group=e.topk_groups, num_experts_per_tok=e.experts_per_token,
-            first_k_dense_replace=e.first_k_dense, norm_topk_prob=e.norm_topk_prob, rms_norm_eps=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_seq_len, rope_parameters=rope,
-            num_nextn_predict_layers=0, attention_dropout=0.0, use_cache=False)
-        cls = transformers.DeepseekV3ForCausalLM
-    hcfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return cls(hcfg).to(torch.float32).train()
-
-
-class Theirs:
-    def __init__(self, cfg: ModelConfig, tokens: np.ndarray):
-        import torch
-        torch.set_num_threads(os.cpu_count() or 1)
-        self.torch = torch
-        self.model = hf_model(cfg)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        rest = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]},
-                                      {"params": rest, "weight_decay": 0.0}],
-                                     lr=OPTIM["lr"] / OPTIM["warmup_steps"], betas=(OPTIM["b1"], OPTIM["b2"]),
-                                     eps=1e-8)
-        t = torch.from_numpy(tokens.astype(np.int64))
-        self.inputs, self.targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
-        self.mask = torch.ones(self.targets.shape, dtype=torch.float32)
-        self.losses = []
-
-    def step(self):
-        torch = self.torch
-        self.opt.zero_grad(set_to_none=True)
-        logits = self.model(input_ids=self.inputs, use_cache=False).logits
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                self.targets.reshape(-1), reduction="none")
-        loss = (nll * self.mask.reshape(-1)).sum() / self.mask.sum().clamp(min=1.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIM["clip_norm"])
-        self.opt.step()
-        self.losses.append(float(loss.detach()))
 
 
 # ---- breakdown / profile --------------------------------------------------------------------------------
@@ -290,70 +158,12 @@ def micro(cfg: ModelConfig, batch: int, seq: int, max_others: float, rounds: int
 
 def profile_step(ours: Ours, calls: int = 2) -> list[tuple[str, float, str]]:
     """Per-HLO-op time (ms per step, summed over threads) from a jax.profiler trace of the train step."""
-    step_fn = ours.trainer._step
-    hlo = step_fn.lower(ours.state, ours.batch).compile().as_text()
-    meta = hlo_op_meta(hlo)
-    ours.step()
-    d = tempfile.mkdtemp(prefix="bench_train_")
-    with jax.profiler.trace(d):
-        for _ in range(calls):
-            ours.step()
-    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    if not files:
-        return []
-    data = jax.profiler.ProfileData.from_file(files[0])
-    per_op = collections.Counter()
-    for plane in data.planes:
-        for line in plane.lines:
-            for ev in line.events:
-                if ev.name in meta:
-                    per_op[ev.name] += ev.duration_ns
-    return [(name, ns / calls / 1e6, meta[name][1] + "  " + meta[name][0]) for name, ns in per_op.most_common()]
+    hlo = ours.trainer._step.lower(ours.state, ours.batch).compile().as_text()
 
-
-def kind_of(name: str, desc: str, cfg: ModelConfig, batch: int, seq: int) -> tuple[str, str]:
-    """(component, op type + fwd/bwd) of an HLO op, from its name, op_name metadata and output shape."""
-    on = desc.split("  ")[0].lower()
-    if "transpose(jvp" in on:
-        phase = "bwd"
-    elif "jvp(" in on:
-        phase = "fwd"
-    else:
-        return "optimizer update, grad norm, router bias (outside value_and_grad)", ""
-    moe_shape = cfg.moe is not None and f"[{cfg.moe.n_routed_experts},{batch * seq}," in desc
-    if "while/body" in on or "bkgt" in on or "bkm" in on or "softmax" in on or re.search(rf"\b{seq},{seq}\]", desc):
-        comp = "attention core"
-    elif "edf" in on or "efd" in on or "enf" in on or moe_shape:
-        comp = "MoE routed experts (computed densely, all experts)"
-    else:
-        comp = "everything else (q/k/v/o projections, MLP, norms, rope, head, loss)"
-    if name.startswith(("copy", "transpose")) or on.endswith("/transpose"):
-        typ = "layout copies (transposes)"
-    elif name.startswith(("ynn_fusion", "dot")) and "dot_general" in on:
-        typ = "matmul"
-    else:
-        typ = "elementwise / reductions"
-    return comp, f"{typ}, {phase}"
-
-
-def print_profile(ops, cfg: ModelConfig, batch: int, seq: int, wall: float, top=12):
-    total = sum(ms for _, ms, _ in ops)
-    comps, kinds = collections.Counter(), collections.Counter()
-    for name, ms, desc in ops:
-        c, k = kind_of(name, desc, cfg, batch, seq)
-        comps[c] += ms
-        kinds[c, k] += ms
-    print(f"\n### train step: per-op time from jax.profiler (ms per step; ops on the 2 threads can overlap, so the "
-          f"total {total:.0f} ms may exceed the {wall * 1e3:.0f} ms step)\n")
-    print("| component | op type | ms | share |\n|---|---|---|---|")
-    for c, cms in comps.most_common():
-        print(f"| **{c}** | all | **{cms:.0f}** | **{cms / total:.0%}** |")
-        for (c2, k), ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
-            if c2 == c and k:
-                print(f"| | {k} | {ms:.0f} | {ms / total:.0%} |")
-    print(f"\nTop {top} ops:\n\n| op | ms | op_name / shape |\n|---|---|---|")
-    for name, ms, desc in ops[:top]:
-        print(f"| {name} | {ms:.1f} | `{desc[:120]}` |")
+    def step():
+        ours.step()
+        return ours.state
+    return trace_ops(step, hlo, calls, "train")
 
 
 # ---- main -----------------------------------------------------------------------------------------------
@@ -373,6 +183,8 @@ def main(argv=None):
                     help="data-parallel mesh over this many JAX devices (>1 needs "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--peak-n", type=int, default=2048,
+                    help="matmul size of the float32 peak (figures quote 2048; smaller only for smoke tests)")
     ap.add_argument("--breakdown", action="store_true", help="time the attention core fwd+bwd alone")
     ap.add_argument("--profile", action="store_true", help="jax.profiler per-op time of one train step")
     args = ap.parse_args(argv)
@@ -381,25 +193,26 @@ def main(argv=None):
         if n not in CONFIGS:
             ap.error(f"unknown config {n!r}; choose from {sorted(CONFIGS)}")
 
-    print(f"jax {jax.__version__} devices={jax.devices()} cpus={n_cpus()} "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
-    mo = args.max_others
-    load0 = os.getloadavg()[0]
-    pk = MatmulPeak()
-    pk.sample(9, warmup=1)
-    st = pk.stats(mo)
-    print(f"float32 matmul peak (jax.jit(jnp.dot) 2048^2): {st['gflops']:.1f} GFLOP/s "
-          f"(median of {st['n']}/{st['of']} samples); load average {load0:.2f}", flush=True)
-    tpeak = float("nan")
     if not args.no_torch:
         try:
             import torch
             torch.set_num_threads(os.cpu_count() or 1)
-            tpeak = torch_peak()
-            print(f"torch.mm 2048^2 ({torch.get_num_threads()} threads): {tpeak:.1f} GFLOP/s", flush=True)
         except ImportError as e:
             print(f"torch unavailable ({e}); skipping the transformers peer")
             args.no_torch = True
+    header("bench.train", torch=not args.no_torch)
+    print(f"devices={jax.devices()}", flush=True)
+    mo = args.max_others
+    load0 = os.getloadavg()[0]
+    pk = MatmulPeak(args.peak_n)
+    pk.sample(9, warmup=1)
+    st = pk.stats(mo)
+    print(f"float32 matmul peak ({pk.label()}): {st['gflops']:.1f} GFLOP/s "
+          f"(median of {st['n']}/{st['of']} samples); load average {load0:.2f}", flush=True)
+    tpeak = float("nan")
+    if not args.no_torch:
+        tpeak = torch_peak(args.peak_n)
+        print(f"torch.mm {args.peak_n}^2 ({torch.get_num_threads()} threads): {tpeak:.1f} GFLOP/s", flush=True)
 
     rows, result, nan = [], {}, float("nan")
     tokens_per_step = args.batch * args.seq
@@ -417,7 +230,7 @@ def main(argv=None):
         err = None
         if not args.no_torch:
             try:
-                theirs = Theirs(cfg, tokens)
+                theirs = HFTrain(cfg, tokens, OPTIM)
                 for _ in range(args.warmup):
                     theirs.step()
                 peers["transformers"] = theirs
@@ -462,7 +275,7 @@ def main(argv=None):
                     print(f"[{name}] alone: {case}: {t * 1e3:.1f} ms" + (f" ({gf:.0f} GFLOP/s)" if not math.isnan(gf) else ""),
                           flush=True)
         if args.profile:
-            print_profile(profile_step(ours), cfg, args.batch, args.seq, w)
+            print_train_profile(profile_step(ours), cfg, args.batch, args.seq, w)
         del ours, peers
 
     st, load1 = pk.stats(mo), os.getloadavg()[0]
@@ -481,7 +294,7 @@ def main(argv=None):
             result["moe_ratio"] = row["ratio"]
 
     print(f"\n## Training step, batch {args.batch} x seq {args.seq}, float32, AdamW\n")
-    print(f"Matmul peak {peak:.1f} GFLOP/s (`jax.jit(jnp.dot)` 2048², median of {st['n']}/{st['of']} "
+    print(f"Matmul peak {peak:.1f} GFLOP/s ({pk.label()}, median of {st['n']}/{st['of']} "
           f"{'clean ' if st['clean'] else ''}samples; best {st['max']:.1f}); torch.mm {tpeak:.1f}; {n_cpus()} CPUs; "
           f"load average {load0:.2f} at start, {load1:.2f} at end. A round is *clean* when other processes used "
           f"< {mo:.0%} of the machine during it; medians are over clean rounds when there are enough.\n")
@@ -522,9 +335,7 @@ def main(argv=None):
                      f"transformers loss {t['loss'][0]:.3f} -> {t['loss'][1]:.3f}")
         print(f"- {row['name']}: compile + first step {row['compile_s']:.1f} s; {row['rounds']} rounds; our loss "
               f"{row['loss'][0]:.3f} -> {row['loss'][1]:.3f}{extra}")
-    env = os.environ.get("XLA_FLAGS")
-    cmd = (f"XLA_FLAGS={shlex.quote(env)} " if env else "") + "python -m bench.train " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    cmd = command("bench.train", argv)
     print(f"\nCommand: `{cmd.strip()}`")
     print(f"RESULT mfu={result.get('mfu', nan):.4f} speedup_vs_transformers={result.get('ratio', nan):.3f} "
           f"moe_speedup_vs_transformers={result.get('moe_ratio', nan):.3f}")
