@@ -14,6 +14,12 @@ Thread settings are whatever XLA_FLAGS says (run under `taskset -c 0` for the on
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
+
 import argparse
 import statistics
 import time
@@ -21,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bench.common import header
 from model.attention import attend, attention_mask
 from model.fast_attention import causal_attention
 
@@ -37,8 +44,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     b, h, kvh, d = args.batch, args.heads, args.kv_heads, args.head_dim
     scale = d ** -0.5
-    print(f"# bench.attention: jax {jax.__version__}, {jax.devices()[0].platform}, batch={b} heads={h} "
-          f"kv_heads={kvh} head_dim={d}")
+    header("bench.attention", torch=False)
+    print(f"# batch={b} heads={h} kv_heads={kvh} head_dim={d}")
     for t in map(int, args.seqs.split(",")):
         ks = jax.random.split(jax.random.key(0), 4)
         q = jax.random.normal(ks[0], (b, h, t, d))

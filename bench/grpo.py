@@ -14,9 +14,10 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N: data parallel over N CPU dev
 `rl.loop.GRPO(exp).iteration(state, ref, rng)` runs 1 + --iters times; the first compiles and is not counted.
 
 Phases (medians over the timed iterations):
-- rollout = the loop's `time_rollout`, split here into generation (`rl.sampler.generate`, blocked on its output),
-  detokenisation, reward scoring (the experiment's combined reward function on the decoded texts, timed by wrapping
-  it) and the rest (prompt encoding, host copies);
+- rollout = the loop's `time_rollout`, split here into generation (the loop's launch of `rl.rollout.launch_rollout`:
+  prompt encoding and `rl.sampler.generate`, blocked on its output), detokenisation, reward scoring (the
+  experiment's combined reward function on the decoded texts) and the rest (host copies). Each is timed by
+  wrapping that attribute of this bench's own `GRPO` object (no library module is patched);
 - log-probs = `time_score`: old log-probs (μ > 1 or several mini-batches) and reference log-probs (β > 0), two
   teacher-forced forward passes over prompt + completion;
 - update = `time_update`: μ x mini_batches optimizer steps (forward + backward + AdamW);
@@ -27,23 +28,27 @@ is then the time spent waiting for the rollout launched N steps earlier (plus sc
 the figure to compare with N = 0 on the same machine. On a CPU, sampling and training share the same cores, so the
 overlap buys little; on an accelerator the host work (decoding, rewards) overlaps the device's.
 
-Prints a markdown table, the command line, and as its last line
+Starts with the CPU model and the kernel libraries (bench.common.header); prints a markdown table, the command line,
+and as its last line
 `RESULT iteration_s=<median> rollout_s=<..> reward_s=<..> logprobs_s=<..> update_s=<..>`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
-import statistics
 import sys
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
+
+import argparse
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from bench.common import machine_busy_s
+from bench.common import command, header, measure
 
 SHORT_TEMPLATE = "Think in <think> </think>, answer in <answer> </answer>. User: {prompt} Assistant:"
 
@@ -71,17 +76,17 @@ def build(args):
 
 
 class Clock:
-    """Wraps a callable and accumulates its wall time (optionally blocking on a JAX result)."""
+    """Wraps a callable and accumulates its wall time (optionally blocking on what `block(result)` returns)."""
 
-    def __init__(self, fn, block: bool = False):
+    def __init__(self, fn, block=None):
         self.fn, self.block, self.total = fn, block, 0.0
 
     def __call__(self, *a, **kw):
         self.last = (a, kw)
         t0 = time.perf_counter()
         out = self.fn(*a, **kw)
-        if self.block:
-            out = jax.block_until_ready(out)
+        if self.block is not None:
+            jax.block_until_ready(self.block(out))
         self.total += time.perf_counter() - t0
         return out
 
@@ -107,18 +112,18 @@ def main(argv=None):
     ap.add_argument("--data", type=int, default=1, help="mesh data axis: >1 needs "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=N (the batch is split over N CPU devices)")
     args = ap.parse_args(argv)
-    command = "python -m bench.grpo " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    cmd = command("bench.grpo", argv)
 
     import rl.loop as loop
-    import rl.rollout as rollout
     from rl.rewards import REWARDS
 
     exp = build(args)
     g = exp.grpo
-    # time generation itself (blocked on its output) and detokenisation, inside the loop's own rollout
-    gen_clock = Clock(rollout.generate, block=not args.off_policy_steps)  # blocking would undo the overlap
-    rollout.generate = gen_clock
     algo = loop.GRPO(exp)
+    # time generation (blocked on its output; blocking would undo the pipelined overlap), scoring and
+    # detokenisation inside the loop's own rollout, through this GRPO object's attributes
+    gen_clock = Clock(algo._launch, block=None if args.off_policy_steps else (lambda out: out[1].outs))
+    algo._launch = gen_clock
     reward_clock = Clock(algo.reward)
     algo.reward = reward_clock
     dec_clock = Clock(algo.tok.decode)
@@ -128,21 +133,22 @@ def main(argv=None):
     state = trainer.init_state(exp.seed)
     ref = jax.tree.map(jnp.copy, state["params"]) if g.beta > 0 else None
     rng = jax.random.key(exp.seed)
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    header("bench.grpo", torch=False)
     print(f"small_qwen2 ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params), batch {algo.batch} = "
           f"{g.prompts_per_step} prompts x {g.num_generations}, prompt {exp.max_prompt_len}, {g.sampling.max_new_tokens} new "
           f"tokens, beta {g.beta}, mu {g.num_iterations}, {g.mini_batches} mini-batches, rewards {exp.rewards}, "
           f"off_policy_steps {g.off_policy_steps}",
           flush=True)
 
+    def blocked(out):  # (state, rng, metrics, rollout): wait for the new state
+        jax.block_until_ready(out[0])
+        return out
+
     rows, roll = [], None
     for it in range(args.iters + 1):
-        b0, c0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
-        state, rng, m, roll = algo.iteration(state, ref, rng, it)
-        jax.block_until_ready(state)
-        wall = time.perf_counter() - t0
-        others = max(0.0, (machine_busy_s() - b0 - (time.process_time() - c0)) / ((os.cpu_count() or 1) * wall))
+        x = measure(lambda: blocked(algo.iteration(state, ref, rng, it)))
+        state, rng, m, roll = x.value
+        wall, others = x.wall, x.others
         r = {"wall": wall, "rollout": m["time_rollout"], "generate": gen_clock.take(), "reward": reward_clock.take(),
              "detok": dec_clock.take(), "logprobs": m["time_score"], "update": m["time_update"],
              "len": m["response_len_mean"], "reward_mean": m["reward"], "others": others}
@@ -184,12 +190,12 @@ def main(argv=None):
         print(f"| {name} | {shown} | {s / W:.1%} | {note} |")
 
     row("**rollout** (`time_rollout`)", med["rollout"])
-    row("  generation (`rl.sampler.generate`)", med["generate"],
+    row("  generation (`launch_rollout`: prompt encoding, `rl.sampler.generate`)", med["generate"],
         f"{algo.batch * g.sampling.max_new_tokens / med['generate']:,.0f} new tok/s (slots, incl. rows that stopped early); "
         f"mean length {med['len']:.1f}")
     row("  reward scoring on the host", med["reward"], f"{exp.rewards} on {algo.batch} texts")
     row("  detokenisation", med["detok"])
-    row("  the rest (prompt encoding, host copies)", med["rollout_other"])
+    row("  the rest (host copies)", med["rollout_other"])
     row("**reference / old log-probs** (`time_score`)", med["logprobs"],
         f"{(g.num_iterations > 1 or g.mini_batches > 1) + (g.beta > 0)} teacher-forced forward(s) over "
         f"{algo.batch} x {exp.max_prompt_len + g.sampling.max_new_tokens}")
@@ -201,7 +207,7 @@ def main(argv=None):
     print(f"\nEach reward component alone on {len(texts)} texts (ms per batch): " +
           ", ".join(f"{name} {a * 1e3:.2f} (the last rollout's) / {b * 1e3:.2f} (well-formed synthetic gold "
                     "responses)" for name, a, b in per_reward))
-    print(f"\ncommand: {command}")
+    print(f"\ncommand: {cmd}")
     print(f"RESULT iteration_s={W:.3f} rollout_s={med['rollout']:.3f} generate_s={med['generate']:.3f} "
           f"reward_s={med['reward']:.4f} logprobs_s={med['logprobs']:.3f} update_s={med['update']:.3f}")
 

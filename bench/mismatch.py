@@ -12,6 +12,12 @@ pairs whose expert set differs (the trainer's own routing against the sampler's)
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
+
 import argparse
 import dataclasses
 
@@ -19,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import cpu_name
+from bench.common import command, header
 from model import init_params
 from model.config import ModelConfig, tiny_deepseek
 from rl.logprobs import completion_logprobs
@@ -52,8 +58,8 @@ def main(argv=None):
     models = {"tiny DeepSeek-V3 (MLA+MoE)": tiny_deepseek(vocab_size=512, max_seq_len=256),
               "small dense (GQA)": ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                                                head_dim=32, mlp_dim=384, max_seq_len=256)}
-    print(f"# python -m bench.mismatch --rows {a.rows} --prompt {a.prompt} --new {a.new} --seeds {a.seeds}")
-    print(f"# CPU: {cpu_name()}; jax {jax.__version__}, backend {jax.default_backend()}")
+    header("bench.mismatch", torch=False)
+    print(f"# {command('bench.mismatch', argv)}")
     print("| model | compute dtype | mean abs dlogp / token | mean abs seq-mean dlogp | max abs dlogp | "
           "router disagreement |")
     print("|---|---|---|---|---|---|")

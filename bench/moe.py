@@ -7,23 +7,25 @@ For each (E, k, impl): a `model.moe.MoE` layer (no shared expert, sigmoid routin
 1.25), x [1, tokens, d] float32 on one CPU device; forward and forward+backward (grad of sum(y²) w.r.t. x and all
 parameters), each jitted; one warm-up call, then the median of --rounds timed calls. Prints tokens/s and
 FLOPs executed (XLA cost_analysis of the compiled program) over FLOPs needed (routed experts only: 6·n·k·d·f
-forward, 3× that for forward+backward). Also prints the CPU model and the command line.
+forward, 3× that for forward+backward). Also prints the CPU model, the kernel libraries (bench.common.header) and
+the command line.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import shlex
+import os
 import sys
-import time
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
+
+import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from bench.common import cpu_name, med, n_cpus
+from bench.common import command, header, med, timed
 from model.config import MoEConfig, tiny_deepseek
 from model.layers import KeyGen
 from model.moe import MoE
@@ -44,16 +46,6 @@ def layer_fns(e: int, k: int, impl: str, d: int, f: int):
     return state, jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def timed(fn, *args, rounds: int) -> float:
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return med(ts)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -64,8 +56,8 @@ def main(argv=None):
     ap.add_argument("--impls", default="dense,capacity,dropless")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
-    print(f"command: python -m bench.moe {shlex.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"cpu: {cpu_name()} x {n_cpus()} cores; jax {jax.__version__} {jax.default_backend()}", flush=True)
+    header("bench.moe", torch=False)
+    print(f"command: {command('bench.moe', argv)}", flush=True)
     n, d, f = args.tokens, args.d, args.f
     x = jax.random.normal(jax.random.key(1), (1, n, d), jnp.float32)
     print(f"\nMoE layer alone, {n} tokens, d {d}, expert FFN {f}, capacity_factor 1.25, float32, 1 device\n")
@@ -83,7 +75,8 @@ def main(argv=None):
                     state, fwd, grad = layer_fns(e, k, impl, d, f)
                     fl_f = fwd.lower(state, x).compile().cost_analysis()["flops"]
                     fl_b = grad.lower(state, x).compile().cost_analysis()["flops"]
-                    tf, tb = timed(fwd, state, x, rounds=args.rounds), timed(grad, state, x, rounds=args.rounds)
+                    tf, tb = (med(timed(lambda fn=fn: jax.block_until_ready(fn(state, x)), args.rounds))
+                              for fn in (fwd, grad))
                     if impl == "dense":
                         dense_cache[key] = (tf, fl_f, tb, fl_b)
                 print(f"| {e} | {k} | {impl} | {n / tf:,.0f} | {fl_f / need:.2f} | {n / tb:,.0f} | "
