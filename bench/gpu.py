@@ -45,17 +45,22 @@ figures are then a CPU smoke test, not a measurement).
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
+
 import argparse
 import gc
 import shlex
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import cpu_name, med
+from bench.common import cpu_name, kernel_libs, med
 from model import count_params, flops_per_token
 from model.config import ACCELERATOR_PRECISION, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from sharding import MeshConfig, make_mesh
@@ -248,6 +253,7 @@ def main(argv=None) -> dict:
     nominal = nominal_tflops(kind) if devs[0].platform == "gpu" else None
     print(f"# bench.gpu on {device_name()} x {a.devices} (backend {jax.default_backend()}, jax {jax.__version__})"
           f"{' [--tiny: a smoke test, not a measurement]' if a.tiny else ''}", flush=True)
+    print(f"# {kernel_libs(torch=False)}", flush=True)
     results, rows = {}, []
 
     peak = measure_peak(a.peak_n)

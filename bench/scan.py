@@ -29,16 +29,21 @@ d_model 64, 2 layers at batch 2 x seq 16 with 2 timed steps and 4 generated toke
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
+
 import argparse
 import shlex
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import cpu_name, med
+from bench.common import cpu_name, kernel_libs, med
 from model import abstract_params, forward, init_params
 from model.config import MLAConfig, ModelConfig, MoEConfig, deepseek_v3_671b, small_qwen2, tiny_deepseek
 
@@ -144,6 +149,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--presets: unknown {sorted(unknown)}; choose from {', '.join(build)}")
     print(f"# bench.scan on {cpu_name() if jax.default_backend() == 'cpu' else jax.devices()[0].device_kind} "
           f"(backend {jax.default_backend()}, jax {jax.__version__}){' [--tiny]' if a.tiny else ''}", flush=True)
+    print(f"# {kernel_libs(torch=False)}", flush=True)
     res = {}
     if not a.skip_compile:
         c = compile_part(layers, cb, cs)
