@@ -116,7 +116,7 @@ class Transformer(nnx.Module):
         w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return jnp.matmul(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens, positions, segment_ids, cache, with_mtp, routing=None):
+    def __call__(self, tokens, positions, segment_ids, cache, with_mtp, routing=None, last_only=False):
         cfg = self.cfg
         b, t = tokens.shape
         dt = dtype_of(cfg.compute_dtype)
@@ -159,7 +159,7 @@ class Transformer(nnx.Module):
                 if s is not None:
                     stats.append(s)
             main = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else None
-        logits = self.head(self.norm(x))
+        logits = self.head(self.norm(x[:, -1:] if last_only else x))
 
         mtp_logits, stats = [], []
         if with_mtp and cache is None:
@@ -233,7 +233,7 @@ def abstract_params(cfg: ModelConfig) -> nnx.State:
 
 
 def forward(cfg: ModelConfig, params: nnx.State, tokens, positions=None, cache=None, *, segment_ids=None,
-            with_mtp: bool = True, routing=None):
+            with_mtp: bool = True, routing=None, last_only: bool = False):
     """The model as a pure function.
 
     tokens int32 [batch, seq]; positions int32 [batch, seq] (default 0..seq-1, or continuing the cache;
@@ -245,9 +245,11 @@ def forward(cfg: ModelConfig, params: nnx.State, tokens, positions=None, cache=N
     'routing' int32 [batch, seq, n_moe_layers, k] (the experts each token chose in each MoE layer of the main stack).
     `routing` (that layout) replays given experts instead of choosing them (GRPO's keep_routing: the trainer runs
     the experts the sampler ran); gate weights are still computed from the router, so it keeps learning.
+    `last_only`: logits of the last position only, [batch, 1, vocab] (a sampler's prefill: the LM head over the whole
+    prompt would cost batch x seq x d x vocab for one row of it).
     """
     model = nnx.merge(graphdef(cfg), params)
-    return model(tokens, positions, segment_ids, cache, with_mtp, routing)
+    return model(tokens, positions, segment_ids, cache, with_mtp, routing, last_only)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):

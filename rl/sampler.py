@@ -87,7 +87,7 @@ def prefill(cfg, params, prompts, prompt_lens, max_new_tokens: int, with_aux: bo
     b, p = prompts.shape
     tokens, positions = left_align(prompts, prompt_lens)
     cache = init_cache(cfg, b, p + max_new_tokens)
-    logits, cache, aux = forward(cfg, params, tokens, positions, cache, with_mtp=False)
+    logits, cache, aux = forward(cfg, params, tokens, positions, cache, with_mtp=False, last_only=True)
     return (logits[:, -1].astype(jnp.float32), cache) + ((aux,) if with_aux else ())
 
 
