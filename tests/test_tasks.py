@@ -190,3 +190,90 @@ def test_evaluate_judges_and_votes_with_the_task(monkeypatch):
     # by string the wrong answer would win: the arithmetic task's integer check finds no integer at all
     assert evaluate(None, None, tok, [rec], k=5, sampling=Sampling(max_new_tokens=60), template="{prompt}",
                     batch_size=5)["maj@k"] == 0.0
+
+
+# ---- Countdown's worked search (rl/tasks/countdown.py) ------------------------------------------------------------
+
+def _countdown_steps_ok(rec, response):
+    """Every written step of a worked search is a true fact (a value in 1..9, or '>9' / '<1' when it is out of that
+    range), every value before the last misses the target, the last hits it, and the answer is that line's equation."""
+    import re
+
+    def holds(v, mark, w):
+        return v == int(w) if mark == "=" else (v > 9 if (mark, w) == (">", "9") else v < 1 and (mark, w) == ("<", "1"))
+
+    ops = {"+": lambda p, q: p + q, "-": lambda p, q: p - q, "*": lambda p, q: p * q, "/": lambda p, q: p / q}
+    body = response[len("<think>"):response.index("</think>")]
+    values, first, value = [], None, None
+    for tok in body.split(" "):
+        m = re.fullmatch(r"(\d)([-+*/])(\d)([=<>])(\d)", tok)
+        if m:
+            x, op, y, mark, w = m.groups()
+            x, y = int(x), int(y)
+            assert {x, y} <= set(rec["numbers"]) and x >= y and holds(ops[op](x, y), mark, w)
+            first, value = f"{x}{op}{y}", int(w) if mark == "=" else None
+            continue
+        op, z, mark, w = re.fullmatch(r"([-+*/])(\d)([=<>])(\d)", tok).groups()
+        assert value is not None and int(z) in rec["numbers"] and holds(ops[op](value, int(z)), mark, w)
+        if mark == "=":
+            values.append(int(w))
+        last = f"({first}){op}{z}"
+    assert values and values[-1] == rec["target"] and rec["target"] not in values[:-1]
+    assert response.endswith(f"</think> <answer>{last}</answer>")
+
+
+def test_countdown_worked_search_hand_example_and_rewards():
+    from rl.rewards import countdown_reward
+    from rl.tasks.countdown import Countdown, countdown_search, countdown_worked
+    assert countdown_worked([6, 3, 5], 4) == "<think>6+3=9 -5=4</think> <answer>(6+3)-5</answer>"
+    assert countdown_worked([7, 3, 6], 2) == ("<think>7+3>9 7-3=4 -6<1 7*3>9 7+6>9 7-6=1 +3=4 *3=3 7*6>9 6+3=9 -7=2"
+                                              "</think> <answer>(6+3)-7</answer>")
+    assert countdown_search([1, 1, 1], 9) is None
+    task = Countdown(corpus_docs=400, corpus_pool=150, reason_prob=0.5)
+    docs = task.corpus()
+    worked = [d for d in docs if not d["response"].startswith("<think></think>")]
+    assert len(docs) == 400 and 0.4 < len(worked) / len(docs) < 0.6
+    assert all(set(d) == {"prompt", "response"} for d in docs)
+    recs = {r["prompt"]: r for r in task._draw(task.corpus_seed, task.corpus_pool, lambda c: c > 1)}
+    fields = {"numbers": [recs[d["prompt"]]["numbers"] for d in docs],
+              "target": [recs[d["prompt"]]["target"] for d in docs]}
+    # every corpus response, worked or direct, is a correct and well-formed answer
+    assert countdown_reward([d["response"] for d in docs], **fields) == [1.0] * len(docs)
+    assert format_reward([d["response"] for d in docs]) == [1.0] * len(docs)
+    assert task.correct([d["response"] for d in docs], [recs[d["prompt"]] for d in docs]).all()
+    for d in worked:
+        _countdown_steps_ok(recs[d["prompt"]], d["response"])
+
+
+def test_countdown_corpus_prompts_and_held_out_are_disjoint():
+    from rl.tasks.countdown import Countdown, problem_class
+    task = Countdown(corpus_docs=300, corpus_pool=100, train_prompts=100)
+
+    def keys(recs):
+        return {(tuple(sorted(r["numbers"])), r["target"]) for r in recs}
+
+    corpus = task._draw(task.corpus_seed, task.corpus_pool, lambda c: c > 1)
+    train, held = task.train_records(), task.held_out(40)
+    assert len(train) == 100 and len(held) == 40 and held == task.held_out(40)
+    assert {problem_class(r["numbers"], r["target"], task.classes) for r in held} == {0}
+    assert {problem_class(r["numbers"], r["target"], task.classes) for r in train} == {1}
+    assert not keys(held) & keys(train) and not keys(held) & keys(corpus) and not keys(train) & keys(corpus)
+    assert not {d["prompt"] for d in task.corpus()} & {r["prompt"] for r in held}
+    assert task.correct([f"<answer>{r['answer']}</answer>" for r in held], held).all()
+    assert all(r["difficulty"] == 3 and all(1 <= v <= 9 for v in r["numbers"]) and 1 <= r["target"] <= 9
+               for r in held)
+    with pytest.raises(ValueError, match="task.corpus_seed"):
+        Countdown(corpus_seed=2)
+    with pytest.raises(ValueError, match="task.classes"):
+        Countdown(classes=2)
+
+
+def test_countdown_worked_traces_are_deterministic_from_the_seed():
+    from rl.tasks.countdown import Countdown, problem_class
+    task = Countdown()
+    a, b = task.worked(201, 12), task.worked(201, 12)
+    assert a == b and len(a) == 12 and a != task.worked(202, 12)
+    assert task.correct([w["response"] for w in a], a).all()
+    assert all(problem_class(w["numbers"], w["target"], task.classes) > 1 for w in a)  # never held-out problems
+    for w in a:
+        _countdown_steps_ok(w, w["response"])
