@@ -206,6 +206,9 @@ def _countdown_steps_ok(rec, response):
     body = response[len("<think>"):response.index("</think>")]
     values, first, value = [], None, None
     for tok in body.split(" "):
+        if tok.endswith(":"):  # each line restates the target
+            assert tok == f"{rec['target']}:"
+            continue
         m = re.fullmatch(r"(\d)([-+*/])(\d)([=<>])(\d)", tok)
         if m:
             x, op, y, mark, w = m.groups()
@@ -225,9 +228,9 @@ def _countdown_steps_ok(rec, response):
 def test_countdown_worked_search_hand_example_and_rewards():
     from rl.rewards import countdown_reward
     from rl.tasks.countdown import Countdown, countdown_search, countdown_worked
-    assert countdown_worked([6, 3, 5], 4) == "<think>6+3=9 -5=4</think> <answer>(6+3)-5</answer>"
-    assert countdown_worked([7, 3, 6], 2) == ("<think>7+3>9 7-3=4 -6<1 7*3>9 7+6>9 7-6=1 +3=4 *3=3 7*6>9 6+3=9 -7=2"
-                                              "</think> <answer>(6+3)-7</answer>")
+    assert countdown_worked([6, 3, 5], 4) == "<think>4: 6+3=9 -5=4</think> <answer>(6+3)-5</answer>"
+    assert countdown_worked([7, 3, 6], 2) == ("<think>2: 7+3>9 2: 7-3=4 -6<1 2: 7*3>9 2: 7+6>9 2: 7-6=1 +3=4 *3=3 "
+                                              "2: 7*6>9 2: 6+3=9 -7=2</think> <answer>(6+3)-7</answer>")
     assert countdown_search([1, 1, 1], 9) is None
     task = Countdown(corpus_docs=400, corpus_pool=150, reason_prob=0.5)
     docs = task.corpus()

@@ -3,27 +3,30 @@
 Problems come from reasoning-gym's generator (reproducible from a seed, solvable by construction); answers are
 scored by our own AST-bounded checker (`rl.rewards.countdown_reward`), never by a scorer that evaluates text.
 
-    task = Countdown()                        # 3 numbers 1-9, targets 10-30 (fields)
+    task = Countdown()                        # 3 numbers 1-9, targets 1-9 (fields)
     task.corpus()                             # base-training records, `reason_prob` of them a worked search
     task.train_records(); task.held_out(96)   # RL prompts and held-out problems: disjoint problem classes
     task.worked(seed, n)                      # worked searches (cold-start traces)
     countdown_search(numbers, target)         # (search lines, answer) of the canonical search, or None
 
-The worked format (a search a 1.8M-parameter byte-level model can learn; tiny-r1-zero-lessons.md): for the pairs
-(a, b | c), (a, c | b), (b, c | a) of the prompt's numbers a b c, larger first, and for each first operation in the
-order + * - / (- only between different numbers, / only when it divides), one line writes the pair's result X and
-then X combined with the third number z by + - * in turn (- only when X > z), each result written out:
+The worked format (a search a 1.8M-parameter byte-level model can learn; tiny-r1-zero-lessons.md, lesson 1): for the
+pairs (a, b | c), (a, c | b), (b, c | a) of the prompt's numbers a b c, larger first, and for each first operation in
+the order + - * / (- only between different numbers, / only when it divides), one line writes the pair's value X and
+then X with the third number z by what can still reach the target (below it + and *, above it - and /, at it *),
+each value written out; a value outside 1-9 is written as '>9' or '<1' and abandoned:
 
-    Make 24 from 7 3 3.
-    <think>7*3=21 +3=24</think> <answer>(7*3)+3</answer>
-    Make 14 from 1 4 9.
-    <think>4*1=4 +9=13 *9=36 4+1=5 +9=14</think> <answer>(4+1)+9</answer>
+    Make 2 from 7 3 6.
+    <think>2: 7+3>9 2: 7-3=4 -6<1 2: 7*3>9 2: 7+6>9 2: 7-6=1 +3=4 *3=3 2: 7*6>9 2: 6+3=9 -7=2</think> <answer>(6+3)-7</answer>
 
 Every value that is not the target is a failed attempt; the search stops at the first that is, and the answer copies
-that line. Every written step is one small fact: a single-digit pair (x op y) or the line's X with one digit z, the
-digit z copied from the prompt at one of three fixed offsets (the prompt has a fixed width: three single digits and
-a two-digit target). The direct response is `<think></think> <answer>(7*3)+3</answer>`: the same answer, found
-silently, which a tiny model cannot do on problems it has not seen (up to 48 candidate equations, ~3 of them right).
+that line. Every written step is one single-token fact about two single digits (their sum, difference, product or
+quotient as one digit, or the mark that it leaves 1-9), its operands a few characters back or at fixed offsets in
+the prompt (which has a fixed width: a one-digit target and three one-digit numbers). Why so small: a first design
+with targets 10-30 and two-digit values (`7*3=21 +3=24`) left a base at 67 % right on single-digit-pair facts and
+23 % on two-digit ones after 300 steps, its searches less accurate than its guesses (9 % vs 16 %), and GRPO then
+dropped the search (think usage 0.55 -> 0.17), as the lessons predict. The search finds an equation for ~89 % of
+problems at targets 1-9 (the rest need a value above 9 on the way). The direct response is
+`<think></think> <answer>(6+3)-7</answer>`: the same answer, found silently, a guess on a problem not seen before.
 The corpus, the RL prompts and the held-out problems are disjoint classes of problems (numbers as a multiset and the
 target, hashed), so neither a direct answer nor an RL prompt can be remembered from the corpus.
 """
@@ -97,7 +100,7 @@ def countdown_search(numbers, target: int) -> tuple[list[str], str] | None:
             if (op1 == "-" and x == y) or (op1 == "/" and x % y):
                 continue  # no zero, no fractions
             value, text = _step(x, op1, y)
-            line = f"{x}{op1}{y}{text}"
+            line = f"{target}: {x}{op1}{y}{text}"  # each line restates the target it is compared with
             if value is not None:
                 # only what can reach the target: below it + and *, above it - and / (exact), at it * (by 1)
                 for op2 in ("+*" if value < target else "-/" if value > target else "*"):
@@ -146,7 +149,7 @@ class Countdown(Task):
     """Countdown problems from reasoning-gym's generator, one seed per stream: the base's corpus (`corpus_seed`), the
     RL prompts (`prompt_seed`), the held-out problems (`held_out_seed`). The three streams also hold disjoint classes
     of problems (`problem_class` mod `classes`: 0 held-out, 1 RL prompts, the rest corpus), as the problem space is
-    small (a few thousand problems at 3 numbers 1-9). 'difficulty' = how many numbers. maj@k votes by value: every
+    small (~550 multisets-and-targets at 3 numbers 1-9, targets 1-9). 'difficulty' = how many numbers. maj@k votes by value: every
     valid equation that reaches the target is one answer."""
 
     name = "countdown"

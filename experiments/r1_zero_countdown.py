@@ -1,0 +1,56 @@
+"""R1-Zero on Countdown at laptop scale: a tiny DeepSeek-V3-style base whose corpus carries a worked search, then
+GRPO with rule rewards only (format + our AST-bounded Countdown checker).
+
+    python -m experiments.run experiments/r1_zero_countdown.py run_dir=runs/r1_zero_countdown [steps=25 eval.k=8]
+
+Task: Countdown (rl/tasks/countdown.py), reasoning-gym's generator at 3 numbers 1-9 and targets 1-9:
+"Make 2 from 7 3 6.". Base (`base`, run_dir/base, reused when finished): the same tiny model as
+experiments/r1_zero.py trained on `task.corpus_docs` problems of which `task.reason_prob` carry a worked search
+(`<think>7+3>9 7-3=4 -6<1 7*3>9 7+6>9 7-6=1 +3=4 *3=3 7*6>9 6+3=9 -7=2</think> <answer>(6+3)-7</answer>`: pairs
+and first operations in a fixed order, each value combined with the third number by what can still reach the
+target, every step a fact about two single digits, the first hit ends the search) and the rest only the answer
+(`<think></think> <answer>(6+3)-7</answer>`). The corpus, the RL prompts and the held-out problems are disjoint
+classes of problems, so a direct answer to a held-out problem is a guess while the search finds one. RL as
+experiments/r1_zero.py (R1's short template, G = 8, Dr.GRPO, β = 0, clip 0.2 / 0.28, temperature 1), with
+responses long enough for ~97 % of searches.
+"""
+
+import dataclasses
+
+from experiments.config import CheckpointConfig, EvalConfig, Experiment, RLExperiment
+from model.config import tiny_deepseek
+from rl.grpo import GRPOConfig
+from rl.rollout import Sampling
+from rl.tasks.countdown import Countdown
+from sharding.mesh import MeshConfig
+from train.config import OptimConfig
+from train.data import DataConfig
+
+TASK = Countdown(reason_prob=0.6)
+
+
+def config() -> RLExperiment:
+    model = tiny_deepseek(vocab_size=512, max_seq_len=512)
+    model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, impl="dense"))  # as experiments/r1_zero.py
+    return RLExperiment(
+        name="r1_zero_countdown",
+        model=model,
+        task=TASK,
+        base=Experiment(
+            name="r1_zero_countdown_base", model=model, steps=300, batch_size=16,
+            data=DataConfig(kind="sft", source="memory", tokenizer="byte", seq_len=256, seed=TASK.corpus_seed,
+                            chat_template=TASK.template),
+            mesh=MeshConfig(data=-1), optim=OptimConfig(lr=3e-3, warmup_steps=20, schedule="cosine",
+                                                        final_lr_frac=0.1),
+            checkpoint=CheckpointConfig(every=100, keep=1)),
+        eval=EvalConfig(problems=96, k=8),
+        prompts=DataConfig(kind="prompts", source="memory", tokenizer="byte", chat_template=TASK.template),
+        grpo=GRPOConfig(num_generations=8, prompts_per_step=8,
+                        sampling=Sampling(temperature=1.0, max_new_tokens=160),
+                        advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm", epsilon_low=0.2,
+                        epsilon_high=0.28, beta=0.0, log_kl=True),
+        mesh=MeshConfig(data=-1),
+        optim=OptimConfig(lr=2e-4, warmup_steps=5, schedule="constant", weight_decay=0.0),
+        checkpoint=CheckpointConfig(every=25, keep=2),
+        max_prompt_len=40, steps=25,
+    )
