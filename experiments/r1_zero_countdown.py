@@ -13,6 +13,15 @@ target, every step a fact about two single digits, the first hit ends the search
 classes of problems, so a direct answer to a held-out problem is a guess while the search finds one. RL as
 experiments/r1_zero.py (R1's short template, G = 8, Dr.GRPO, β = 0, clip 0.2 / 0.28, temperature 1), with
 responses long enough for ~97 % of searches.
+
+Measured 2026-12-02 (2 cores shared with another job, so wall times ~2x an idle machine's): base 300 steps in 7.9 min
+(1.57 s/step; the r1_zero base's 0.75 s/step idle at the same 4096 tokens/step suggests ~4 min idle), held-out pass@1
+0.301, pass@8 0.635, think usage 0.63, 45 tokens; after 25 GRPO steps (16 prompts x 8, lr 1e-4; 5.2 min here)
+pass@1 0.322, pass@8 0.458, think usage 0.85, 33 tokens: RL raises think usage but not accuracy. The base's written
+steps are not reliable enough (first-pair facts 75 %, second steps 63 %, a written hit ends the search 61 % of the
+time; its searches score 31 % vs 27 % for its direct guesses), and RL learns a short ritual trace whose values no
+longer carry the answer (tiny-r1-zero-lessons.md, lesson 1). With 8 prompts a step and lr 2e-4 the same base went
+0.301 -> 0.246 (think usage 1.0, pass@8 0.32).
 """
 
 import dataclasses
@@ -45,12 +54,12 @@ def config() -> RLExperiment:
             checkpoint=CheckpointConfig(every=100, keep=1)),
         eval=EvalConfig(problems=96, k=8),
         prompts=DataConfig(kind="prompts", source="memory", tokenizer="byte", chat_template=TASK.template),
-        grpo=GRPOConfig(num_generations=8, prompts_per_step=8,
+        grpo=GRPOConfig(num_generations=8, prompts_per_step=16,
                         sampling=Sampling(temperature=1.0, max_new_tokens=160),
                         advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm", epsilon_low=0.2,
                         epsilon_high=0.28, beta=0.0, log_kl=True),
         mesh=MeshConfig(data=-1),
-        optim=OptimConfig(lr=2e-4, warmup_steps=5, schedule="constant", weight_decay=0.0),
+        optim=OptimConfig(lr=1e-4, warmup_steps=5, schedule="constant", weight_decay=0.0),
         checkpoint=CheckpointConfig(every=25, keep=2),
         max_prompt_len=40, steps=25,
     )
