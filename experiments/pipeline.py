@@ -1,27 +1,35 @@
-"""DeepSeek's R1 recipe end to end in one command (R1 §2, algorithms.md §2), at laptop scale.
+"""DeepSeek's R1 recipe end to end in one command, at laptop scale: every stage on the same footing, with seeds,
+controls and a second task (R1 §2-§4; algorithms.md §2, §4, §5).
 
-    python -m experiments.run experiments/pipeline.py run_dir=runs/pipeline [zero.steps=60 r1.rl.steps=40 ...]
+    python -m experiments.run experiments/pipeline.py run_dir=runs/pipeline [seeds='(0,1,2)' zero.steps=25 ...]
 
-Stages, each a separate experiment file run here with its run_dir under run_dir:
-    base/           r1_zero's pretraining of a tiny DeepSeek-V3-style model, trained once and shared (`base_dir`
-                    points at an existing one instead)
-    r1_zero/        R1-Zero: GRPO with rule rewards from the base (eval_start.json = the base, eval_end.json)
-    r1/cold_start/  R1: SFT of the base on ~300 curated worked traces (eval.json) ...
-    r1/             ... then the same GRPO from the cold-start model (eval_start.json, eval_end.json)
-    rejection_sft/  rejection sampling from r1's policy (traces.jsonl), SFT of the base on it (eval.json)
-    distill/        a dense student, random init, SFT on the same traces (eval.json)
-    results.md      one row per stage (pass@1, pass@k, maj@k, think usage, response length, wall time) and
-                    pass@1 by chain length; rl_curves.png: both RL runs' reward, accuracy, length, KL, entropy
-Every stage is scored on the same first `zero.eval.problems` held-out problems with `zero.eval.k` samples each,
-sampled as rl.loop.grpo samples its own evaluation of `zero`; the pipeline's progress / tensorboard apply to every
-stage. Stage sizes are the nested configs' fields (zero.base.steps, zero.steps, r1.cold_start.steps, r1.rl.steps,
-rejection.sample.prompts, rejection.sft.steps, distill.sft.steps, distill.student.d_model, ...). A stage whose
-final eval file exists is skipped (delete it to redo the stage); an interrupted stage resumes from its checkpoint.
-
-Measured on 2 idle CPU cores (2026-11-28, default sizes, docs/results/): base 391 s, R1-Zero 202 s, R1 (cold
-start + GRPO) 237 s, rejection sampling + SFT 82 s, distillation 119 s; 17.2 min in all. Per step: base / SFT step
-(16 x 256 tokens) ~0.9 s, GRPO step (16 prompts x 8, up to 40 tokens) ~2 s, an evaluation (96 x 8 samples) 6-11 s.
+Stages (seeded ones in run_dir/<stage>/seed<s>/; each is also an experiment file of its own):
+    base             a tiny DeepSeek-V3-style model (MLA + MoE + MTP) pretrained on digit chains of which 30 % are
+                     worked (experiments/r1_zero.py's base stage; run_dir/base, or `base_dir`); shared by all
+    r1_zero          GRPO from the base with format + accuracy rewards (experiments/r1_zero.py)
+    cold_start       SFT of the base on ~300 curated worked traces (the first half of experiments/r1.py)
+    r1               GRPO from the cold-start model, the same budget as r1_zero (experiments/r1.py)
+    rejection_sft    r1's policy sampled on training prompts, verified samples kept, SFT of the base on them
+                     (experiments/rejection_sft.py; traces.jsonl)
+    distill_student  a smaller dense student SFT'd on those traces (experiments/distill.py), from a student base
+                     pretrained on the same corpus (run_dir/student_base, reported too)
+    rl_student       the same student base trained with R1-Zero's GRPO for the same compute as its distillation
+                     (experiments/rl_student.py; steps = experiments.stages.matched_rl_steps)
+    random_reward    control: GRPO with a reward of 1 with probability = the base's pass@1, blind to correctness
+                     (experiments/random_reward.py)
+    format_only      control: GRPO with the format reward alone (experiments/format_only.py)
+    countdown        R1-Zero on Countdown (experiments/r1_zero_countdown.py): its own base (run_dir/countdown/base)
+                     and GRPO per seed, reported as split 'countdown' of stages base and r1_zero
+Seeds: every RL and SFT stage runs once per seed in `seeds` (its data order and sampling stream), all from the
+one base. Splits (`task.splits`): 'in_distribution' (2-6 terms, as trained) and 'hard' (7-8 terms in the same
+8-slot worksheet: chains longer than any trained on). Every model is scored on `eval.problems` problems of each split,
+eval.k samples at T 0.6 / top-p 0.95 with the same key -> <run>/eval_<split>.json; then experiments/results.py
+writes results.json, results.md, rl_curves.png and pass_by_length.png. A run whose eval files exist is skipped
+(delete them to redo it); an interrupted run resumes from its checkpoint. The RL stages are zero's GRPO recipe
+(zero.steps, zero.grpo.*, zero.optim.*); the SFT stages' sizes are cold_start.*, rejection_sft.*, distill.*.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import json
@@ -30,131 +38,213 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from experiments import distill, r1, r1_zero, rejection_sft
-from experiments.config import RLExperiment, RunConfig
-from experiments.distill import DistillExperiment
-from experiments.r1 import R1Experiment
-from experiments.rejection_sft import RejectionSFTExperiment
-from experiments.stages import shared_base, stage_eval
+from experiments import r1_zero
+from experiments.config import CheckpointConfig, EvalConfig, RLExperiment, RunConfig
+from experiments.distill import dense_student
+from experiments.stages import SFTConfig, TraceConfig, matched_rl_steps, policy_traces, sft_experiment, shared_base
+from model.config import ModelConfig
+from train.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
-# results.md rows: (stage, eval file under run_dir, timings.json key); the base is scored by R1-Zero's eval_start
-STAGES = (("base (pretrained)", "r1_zero/eval_start.json", "base"),
-          ("R1-Zero (GRPO from base)", "r1_zero/eval_end.json", "r1_zero"),
-          ("cold-start SFT", "r1/cold_start/eval.json", None),
-          ("R1 (cold start + GRPO)", "r1/eval_end.json", "r1"),
-          ("rejection-sampling SFT", "rejection_sft/eval.json", "rejection_sft"),
-          ("distilled dense student", "distill/eval.json", "distill"))
-RL_CURVES = ("reward", "accuracy", "response_len_mean", "think_rate", "kl", "entropy")
+STAGES = ("base", "r1_zero", "cold_start", "r1", "rejection_sft", "distill_student", "rl_student", "random_reward",
+          "format_only")
+SEEDED = STAGES[1:]
+
+
+def _zero() -> RLExperiment:
+    """r1_zero's recipe with an 8-slot worksheet (so the hard split's 7-8-term chains are posed in the trained layout)
+    and half the corpus worked (a 400-step base with 30 % in 8 slots learned its steps less reliably: held-out
+    pass@1 0.14 against 0.36 with 50 %, measured 2026-12-02), 20 GRPO steps of 16 prompts x 8 (held-out pass@1 0.36 ->
+    0.57 from that base), no reference model (the KL to the base is not plotted here), evaluation left to the
+    pipeline, one checkpoint at the end."""
+    zero = r1_zero.config()
+    return dataclasses.replace(zero, task=dataclasses.replace(zero.task, slots=8, reason_prob=0.5), max_prompt_len=64,
+                               steps=20, grpo=dataclasses.replace(zero.grpo, log_kl=False), eval=EvalConfig(),
+                               checkpoint=CheckpointConfig(every=0, keep=1))
+
+
+def _countdown() -> RLExperiment:
+    """experiments/r1_zero_countdown.py sized for the pipeline's budget: 12 GRPO steps of 8 prompts x 8 (its own
+    default is 25 x 16, ~3 min a seed), no reference model, evaluation left to the pipeline."""
+    from experiments import r1_zero_countdown
+    cd = r1_zero_countdown.config()
+    return dataclasses.replace(cd, steps=12, grpo=dataclasses.replace(cd.grpo, prompts_per_step=8, log_kl=False),
+                               eval=EvalConfig(), checkpoint=CheckpointConfig(every=0, keep=1))
 
 
 @dataclass(frozen=True)
 class PipelineExperiment(RunConfig):
-    zero: RLExperiment = field(default_factory=r1_zero.config)
-    r1: R1Experiment = field(default_factory=r1.config)
-    rejection: RejectionSFTExperiment = field(default_factory=rejection_sft.config)
-    distill: DistillExperiment = field(default_factory=distill.config)
+    zero: RLExperiment = field(default_factory=_zero)  # base stage, task, model, and the GRPO recipe of every RL stage
+    cold_start: SFTConfig = field(default_factory=lambda: SFTConfig(steps=24))  # ~3 epochs of the traces
+    cold_start_traces: int = 300  # worked problems drawn from cold_start_seed, then curated
+    cold_start_seed: int = 201
+    rejection: TraceConfig = field(default_factory=lambda: TraceConfig(prompts=384))
+    rejection_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=30))
+    student: ModelConfig = field(default_factory=dense_student)
+    student_base_steps: int = 300  # 0: as zero.base.steps
+    distill: SFTConfig = field(default_factory=lambda: SFTConfig(steps=60, optim=OptimConfig(
+        lr=1e-3, warmup_steps=5, schedule="cosine", final_lr_frac=0.1, weight_decay=0.0)))
+    rl_student_steps: int = 0  # 0: the distillation's compute (matched_rl_steps)
+    random_rate: float = -1.0  # random_reward's rate; < 0: the base's measured in-distribution pass@1
+    countdown: RLExperiment = field(default_factory=_countdown)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    stages: tuple[str, ...] = STAGES + ("countdown",)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(problems=48, k=8))
+    hard_max_new_tokens: int = 56  # an 8-term worked answer is ~45 tokens
+    eval_batch_size: int = 256  # rows per generate call
     base_dir: str = ""  # default run_dir/base
     run_dir: str = ""
     name: str = "pipeline"
     progress: bool = True
     tensorboard: bool = True
 
+    def __post_init__(self):
+        unknown = sorted(set(self.stages) - set(STAGES) - {"countdown"})
+        if unknown:
+            raise ValueError(f"stages: unknown {unknown}; known: {list(STAGES) + ['countdown']}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: need one or more distinct seeds, got {self.seeds}")
+        if self.eval.problems < 1:
+            raise ValueError("eval.problems: every stage is scored; must be >= 1")
+        t = self.zero.task
+        used = {getattr(t, f): f for f in ("corpus_seed", "prompt_seed", "held_out_seed", "hard_seed") if hasattr(t, f)}
+        if self.cold_start_seed in used:
+            raise ValueError(f"cold_start_seed: {self.cold_start_seed} is already zero.task.{used[self.cold_start_seed]}")
+        if self.random_rate > 1:
+            raise ValueError(f"random_rate: must be <= 1 (< 0: the base's pass@1), got {self.random_rate}")
+
 
 def config() -> PipelineExperiment:
     return PipelineExperiment()
 
 
+class Scorer:
+    """Scores a run directory's newest checkpoint on every split of a task -> <run>/eval_<split>.json."""
+
+    def __init__(self, rl: RLExperiment, ev: EvalConfig, splits: dict[str, list[dict]],
+                 max_new: dict[str, int], batch_size: int):
+        from rl.evaluate import eval_sampling
+        self.rl, self.ev, self.splits, self.batch_size = rl, ev, splits, batch_size
+        self.sampling = {s: dataclasses.replace(eval_sampling(rl.grpo.sampling), max_new_tokens=max_new[s])
+                         for s in splits}
+
+    def files(self, run_dir: str) -> list[str]:
+        return [os.path.join(run_dir, f"eval_{s}.json") for s in self.splits]
+
+    def __call__(self, run_dir: str) -> None:
+        from experiments.eval import evaluate_run
+        for (split, records), out in zip(self.splits.items(), self.files(run_dir)):
+            m = evaluate_run(run_dir, records, k=self.ev.k, seed=self.ev.seed, max_prompt_len=self.rl.max_prompt_len,
+                             task=self.rl.task, sampling=self.sampling[split], batch_size=self.batch_size, out=out,
+                             meta={"split": split})
+            log.info("%s %s: pass@1 %.3f  pass@%d %.3f  think %.2f  length %.1f", run_dir, split, m["pass@1"],
+                     m["k"], m["pass@k"], m["think_usage"], m["response_len_mean"])
+
+
+class Ledger:
+    """Runs each (stage, seed) once: skipped when its eval files exist; train and eval seconds -> timings.json."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, "timings.json")
+        self.times = {}
+        if os.path.exists(self.path):
+            with open(self.path) as fh:
+                self.times = json.load(fh)
+
+    def run(self, key: str, run_dir: str, train, score: Scorer) -> None:
+        if all(os.path.exists(f) for f in score.files(run_dir)):
+            log.info("pipeline: %s is done (%s exist); skipping", key, ", ".join(map(os.path.basename,
+                                                                                     score.files(run_dir))))
+            return
+        t0 = time.perf_counter()
+        train()
+        t1 = time.perf_counter()
+        score(run_dir)
+        prev = self.times.get(key, {})
+        self.times[key] = {"train_s": prev.get("train_s", 0.0) + t1 - t0,
+                           "eval_s": prev.get("eval_s", 0.0) + time.perf_counter() - t1}
+        with open(self.path + ".tmp", "w") as fh:
+            json.dump(self.times, fh, indent=2)
+        os.replace(self.path + ".tmp", self.path)
+        log.info("pipeline: %s took %.0f s + %.0f s evaluation", key, t1 - t0, time.perf_counter() - t1)
+
+
+def compile_cache(root: str) -> None:
+    """A persistent XLA cache under run_dir: every seed and stage compiles the same GRPO, SFT and sampling programs,
+    so only the first of each compiles (unless the user configured a cache of their own)."""
+    import jax
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(root), "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(exp: PipelineExperiment) -> None:
+    from experiments.results import base_rate, write_results
     from rl.loop import grpo
+    from rl.traces import curate
+    from train.loop import pretrain
 
     root, rep = exp.directory, dataclasses.replace
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "config.json"), "w") as fh:
         json.dump(exp.to_dict(), fh, indent=2)
+    compile_cache(root)
+    on, run = set(exp.stages), {"progress": exp.progress, "tensorboard": exp.tensorboard}
+    zero, ledger, n = rep(exp.zero, **run), Ledger(root), exp.eval.problems
     base = exp.base_dir or os.path.join(root, "base")
-    run = {"progress": exp.progress, "tensorboard": exp.tensorboard}
-    zero = rep(exp.zero, run_dir=os.path.join(root, "r1_zero"), init_from=base, **run)
-    ev = stage_eval(zero)
-    dirs = {s: os.path.join(root, s) for s in ("r1", "rejection_sft", "distill")}
-    traces = os.path.join(dirs["rejection_sft"], "traces.jsonl")
-    stages = {
-        "base": (None, lambda: shared_base(zero, base)),
-        "r1_zero": ("r1_zero/eval_end.json", lambda: grpo(zero)),
-        "r1": ("r1/eval_end.json", lambda: r1.main(rep(exp.r1, rl=rep(exp.r1.rl, model=zero.model, eval=zero.eval,
-                                                                      **run),
-                                                       run_dir=dirs["r1"], base_dir=base))),
-        "rejection_sft": ("rejection_sft/eval.json", lambda: rejection_sft.main(rep(
-            exp.rejection, init_from=dirs["r1"], base_dir=base, run_dir=dirs["rejection_sft"], eval=ev, **run))),
-        "distill": ("distill/eval.json", lambda: distill.main(rep(
-            exp.distill, teacher=dirs["r1"], traces=traces, run_dir=dirs["distill"], eval=ev, **run))),
-    }
-    for name, (done, fn) in stages.items():
-        if done and os.path.exists(os.path.join(root, done)):
-            log.info("pipeline: %s is done (%s exists); skipping", name, done)
-            continue
-        t0 = time.perf_counter()
-        fn()
-        _record_time(root, name, time.perf_counter() - t0)
-    print(f"pipeline: results in {write_results(root)}")
+    digits = Scorer(zero, exp.eval, zero.task.splits(n), {"in_distribution": zero.grpo.sampling.max_new_tokens,
+                                                          "hard": exp.hard_max_new_tokens}, exp.eval_batch_size)
+    ledger.run("base", base, lambda: shared_base(zero, base), digits)
 
+    student_base = os.path.join(root, "student_base")
+    student = rep(zero, name="rl_student", model=exp.student,
+                  base=rep(zero.base, name="student_base", steps=exp.student_base_steps or zero.base.steps))
+    if on & {"distill_student", "rl_student"}:
+        ledger.run("student_base", student_base, lambda: shared_base(student, student_base), digits)
+    rate = exp.random_rate if exp.random_rate >= 0 else base_rate(base)
+    rl_steps = exp.rl_student_steps or matched_rl_steps(exp.distill, student)
+    cold_records = curate(zero.task.worked(exp.cold_start_seed, exp.cold_start_traces), task=zero.task)
+    train_records = zero.task.train_records()
 
-def _read_json(path: str, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as fh:
-        return json.load(fh)
+    for s in exp.seeds:
+        def d(stage, s=s):
+            return os.path.join(root, stage, f"seed{s}")
 
+        def rl(stage, init, s=s, **kw):
+            return rep(zero, name=stage, seed=s, run_dir=d(stage), init_from=init, **kw)
 
-def _record_time(root: str, stage: str, seconds: float) -> None:
-    path = os.path.join(root, "timings.json")
-    times = _read_json(path, {})
-    times[stage] = times.get(stage, 0.0) + seconds
-    with open(path, "w") as fh:
-        json.dump(times, fh, indent=2)
-    log.info("pipeline: %s took %.0f s", stage, seconds)
+        def sft(stage, model, cfg, init, records, s=s):
+            return pretrain(sft_experiment(stage, model, d(stage), rep(cfg, seed=s), init_from=init, mesh=zero.mesh,
+                                           **run), records=records())
 
+        def traces(s=s):  # r1's verified samples: rejection_sft's data, reused by the distillation
+            return policy_traces(d("r1"), train_records, rep(exp.rejection, seed=s),
+                                 os.path.join(d("rejection_sft"), "traces.jsonl"), task=zero.task)
 
-def _cell(x, fmt="{:.3f}"):
-    return "—" if x is None else fmt.format(x)
+        jobs = {
+            "r1_zero": lambda: grpo(rl("r1_zero", base)),
+            "cold_start": lambda: sft("cold_start", zero.model, exp.cold_start, base, lambda: cold_records),
+            "r1": lambda: grpo(rl("r1", d("cold_start"))),
+            "rejection_sft": lambda: sft("rejection_sft", zero.model, exp.rejection_sft, base, traces),
+            "distill_student": lambda: sft("distill_student", exp.student, exp.distill, student_base, traces),
+            "rl_student": lambda: grpo(rep(student, seed=s, run_dir=d("rl_student"), init_from=student_base,
+                                           steps=rl_steps)),
+            "random_reward": lambda: grpo(rl("random_reward", base, rewards=(f"random:{rate:.4f}",))),
+            "format_only": lambda: grpo(rl("format_only", base, rewards=("format",))),
+        }
+        for stage in SEEDED:
+            if stage in on:
+                ledger.run(f"{stage}/seed{s}", d(stage), jobs[stage], digits)
 
-
-def write_results(root: str) -> str:
-    """run_dir/results.md from the stages' eval files (and timings.json), plus rl_curves.png; returns its path."""
-    from train.metrics import plot_runs
-
-    evals = {stage: m for stage, rel, _ in STAGES if (m := _read_json(os.path.join(root, rel))) is not None}
-    times = _read_json(os.path.join(root, "timings.json"), {})
-    k = next((m["k"] for m in evals.values()), "k")
-    n = next((m["n_problems"] for m in evals.values()), "?")
-    lines = [f"# R1 recipe at laptop scale: {root}", "",
-             (f"Held-out digit chains: {n} problems, k = {k} samples each (T 0.6, top-p 0.95); pass@1 is the mean "
-              f"over the k samples, maj@{k} the majority vote. Wall time is the stage's (the RL stages include their "
-              "evaluations; cold start is inside R1's)."), "",
-             f"| stage | pass@1 | pass@{k} | maj@{k} | format | think usage | response length | wall (min) | eval file |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for stage, rel, key in STAGES:
-        m, t = evals.get(stage, {}), times.get(key)
-        lines.append(f"| {stage} | {_cell(m.get('pass@1'))} | {_cell(m.get('pass@k'))} | {_cell(m.get('maj@k'))} | "
-                     f"{_cell(m.get('format_rate'), '{:.2f}')} | {_cell(m.get('think_usage'), '{:.2f}')} | "
-                     f"{_cell(m.get('response_len_mean'), '{:.1f}')} | {_cell(t and t / 60, '{:.1f}')} | `{rel}` |")
-    levels = sorted({int(d) for m in evals.values() for d in m.get("by_difficulty", {})})
-    if levels:
-        lines += ["", "pass@1 by number of terms:", "",
-                  "| stage | " + " | ".join(str(d) for d in levels) + " |", "|---|" + "---|" * len(levels)]
-        for stage, m in evals.items():
-            by = {int(d): v for d, v in m.get("by_difficulty", {}).items()}
-            lines.append(f"| {stage} | " + " | ".join(_cell(by.get(d, {}).get("pass@1")) for d in levels) + " |")
-    curves = plot_runs({"R1-Zero": os.path.join(root, "r1_zero"), "R1": os.path.join(root, "r1")}, RL_CURVES,
-                       os.path.join(root, "rl_curves.png"))
-    pngs = [os.path.relpath(p, root) for p in ([curves] if curves else []) +
-            [os.path.join(root, d, "curves.png") for d in ("base", "r1_zero", "r1/cold_start", "r1", "rejection_sft",
-                                                           "distill")] if os.path.exists(p)]
-    lines += ["", "Curves: " + ", ".join(f"[{p}]({p})" for p in pngs), ""]
-    if curves:
-        lines += ["![RL curves](rl_curves.png)", ""]
-    path = os.path.join(root, "results.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines))
-    return path
+    if "countdown" in on:
+        cd, cd_root = rep(exp.countdown, **run), os.path.join(root, "countdown")
+        score = Scorer(cd, exp.eval, {"countdown": cd.task.held_out(n)},
+                       {"countdown": cd.grpo.sampling.max_new_tokens}, exp.eval_batch_size)
+        cd_base = os.path.join(cd_root, "base")
+        ledger.run("countdown/base", cd_base, lambda: shared_base(cd, cd_base), score)
+        for s in exp.seeds:
+            run_dir = os.path.join(cd_root, "r1_zero", f"seed{s}")
+            ledger.run(f"countdown/r1_zero/seed{s}", run_dir,
+                       lambda s=s, run_dir=run_dir: grpo(rep(cd, seed=s, run_dir=run_dir, init_from=cd_base)), score)
+    print(f"pipeline: results in {write_results(root, exp, base, rate=rate, rl_student_steps=rl_steps)}")

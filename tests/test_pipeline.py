@@ -106,21 +106,69 @@ def test_rejection_sft_names_the_override_when_the_rl_run_is_missing(tmp_path):
         rejection_sft.main(exp)
 
 
+# ---- the hard split ------------------------------------------------------------------------------------------------
+
+def test_hard_split_poses_longer_chains_in_the_trained_layout():
+    from rl.tasks import DigitChain
+
+    task = DigitChain(slots=8, corpus_docs=500, train_prompts=500)
+    splits = task.splits(64)
+    assert list(splits) == ["in_distribution", "hard"] and list(DigitChain().splits(4)) == ["in_distribution"]
+    trained = task.corpus() + task.train_records() + splits["in_distribution"]
+    assert max(len(r["prompt"].split("=?")) - 1 + 1 for r in trained) <= task.max_terms
+    assert {r["difficulty"] for r in splits["hard"]} == {7, 8}
+    # one worksheet width for every split: slot j sits at the same offset in training and hard prompts
+    assert len({len(r["prompt"]) for r in trained + splits["hard"]}) == 1
+    assert not {r["prompt"] for r in splits["hard"]} & {r["prompt"] for r in trained}
+    with pytest.raises(ValueError, match="task.slots"):
+        DigitChain(slots=5)
+    with pytest.raises(ValueError, match="hard split"):
+        DigitChain().hard(4)
+
+
+# ---- the random-reward control -----------------------------------------------------------------------------------
+
+def test_random_reward_carries_no_information_about_correctness():
+    """On a fixed batch (half right, half wrong answers) the control's reward is uncorrelated with the accuracy reward
+    and pays at its rate; a config names it 'random:<rate>'."""
+    from rl.loop import reward_function
+    from rl.rewards import RandomReward, accuracy_reward, resolve_reward
+
+    rng = np.random.default_rng(0)
+    gold = [str(int(x)) for x in rng.integers(0, 10, 4000)]
+    right = rng.random(4000) < 0.5
+    texts = [f"<think>x</think> <answer>{g if r else (int(g) + 1) % 10}</answer>" for g, r in zip(gold, right)]
+    acc = np.asarray(accuracy_reward(texts, answer=gold))
+    np.testing.assert_array_equal(acc, right.astype(float))
+    rand = np.asarray(RandomReward(rate=0.3, seed=1)(texts, answer=gold))
+    assert set(np.unique(rand)) == {0.0, 1.0}
+    assert abs(rand.mean() - 0.3) < 0.03
+    assert abs(np.corrcoef(rand, acc)[0, 1]) < 0.05
+    # two runs' streams differ, one run's is reproducible
+    assert (RandomReward(0.3, seed=2)(texts) != rand).any() and (RandomReward(0.3, seed=1)(texts) == rand).all()
+    name, fn = resolve_reward("random:0.25", seed=3)
+    assert name == "random" and fn.rate == 0.25
+    totals, parts = reward_function(("format", "random:0.5"), (1.0, 1.0), seed=0)(texts[:64], answer=gold[:64])
+    assert set(parts) == {"format", "random"} and len(totals) == 64
+    for bad in ("random:x", "random:1.5", "nope", "format:2"):
+        with pytest.raises(ValueError, match="random|unknown"):
+            resolve_reward(bad)
+
+
 # ---- the whole recipe, tiny ---------------------------------------------------------------------------------------
 
 TINY_PIPELINE = [  # every stage a few steps; one MLA + MoE + MTP layer (compile time), a one-layer dense student
-    "zero.model.n_layers=1", "zero.model.moe.first_k_dense=0",
-    "zero.steps=2", "zero.grpo.prompts_per_step=2", "zero.grpo.num_generations=4", "zero.grpo.sampling.max_new_tokens=24",
-    "zero.checkpoint.every=0",
-    "r1.rl.steps=2", "r1.rl.grpo.prompts_per_step=2", "r1.rl.grpo.num_generations=4",
-    "r1.rl.grpo.sampling.max_new_tokens=24", "r1.rl.checkpoint.every=0", "r1.traces=24", "r1.cold_start.steps=2",
-    "r1.cold_start.batch_size=8",
-    "rejection.sample.prompts=4", "rejection.sample.k=2", "rejection.sample.max_new_tokens=24",
-    "rejection.sft.steps=2", "rejection.sft.batch_size=8",
-    "distill.sft.steps=2", "distill.sft.batch_size=8", "distill.student.n_layers=1",
-    "zero.eval.problems=4", "zero.eval.k=2", "zero.base.steps=2", "zero.task.corpus_docs=2000",
+    "zero.model.n_layers=1", "zero.model.moe.first_k_dense=0", "zero.steps=2", "zero.grpo.prompts_per_step=2",
+    "zero.grpo.num_generations=4", "zero.grpo.sampling.max_new_tokens=24", "zero.base.steps=2",
+    "zero.task.corpus_docs=2000", "cold_start_traces=24", "cold_start.steps=2", "cold_start.batch_size=8",
+    "rejection.prompts=4", "rejection.k=2", "rejection.max_new_tokens=24", "rejection_sft.steps=2",
+    "rejection_sft.batch_size=8", "distill.steps=2", "distill.batch_size=8", "student.n_layers=1",
+    "student_base_steps=2", "eval.problems=4", "eval.k=2", "hard_max_new_tokens=24", "seeds=(0, 1)",
+    "countdown.model.n_layers=1", "countdown.model.moe.first_k_dense=0", "countdown.steps=2",
+    "countdown.grpo.prompts_per_step=2", "countdown.grpo.num_generations=4", "countdown.base.steps=2",
     "progress=false", "tensorboard=false",
 ]
+SCHEMA = ("pass@1", "pass@1_std", "pass@k", "maj@k", "response_len_mean", "think_usage")
 
 
 @pytest.fixture
@@ -139,21 +187,13 @@ def xla_cache(tmp_path):
 
 def test_pipeline_end_to_end_tiny(tmp_path, monkeypatch, xla_cache):
     import rl.traces
-    from experiments import pipeline, r1
-    from experiments.eval import model_config_from_dict, read_run_config
+    from experiments import pipeline
+    from experiments.eval import read_run_config
     from experiments.overrides import apply_overrides
-    from sharding import make_mesh
-    from sharding.mesh import MeshConfig
-    from train.checkpoint import Checkpointer
-    from train.config import LossConfig, OptimConfig
-    from train.loop import load_base_params
-    from train.step import Trainer
-
-    sampled = []
+    from train.metrics import read_metrics
 
     def verified_and_padded(*args, **kw):  # a 2-step policy verifies nothing: add worked traces for the SFT stages
-        sampled.append(real(*args, **kw))
-        return sampled[-1] + r1.cold_start_traces(dataclasses.replace(r1.config(), traces=16))
+        return real(*args, **kw) + exp.zero.task.worked(exp.cold_start_seed, 16)
 
     real = rl.traces.verified_traces
     monkeypatch.setattr(rl.traces, "verified_traces", verified_and_padded)
@@ -161,36 +201,44 @@ def test_pipeline_end_to_end_tiny(tmp_path, monkeypatch, xla_cache):
     exp = apply_overrides(pipeline.config(), TINY_PIPELINE + [f"run_dir={root}"])
     pipeline.main(exp)
 
-    for rel in ("r1_zero/eval_start.json", "r1_zero/eval_end.json", "r1/cold_start/eval.json", "r1/eval_start.json",
-                "r1/eval_end.json", "rejection_sft/eval.json", "distill/eval.json"):
-        with open(root / rel) as fh:
-            m = json.load(fh)
-        assert all(key in m for key in EVAL_KEYS), (rel, sorted(m))
-        assert m["k"] == 2 and m["n_problems"] == 4, rel
-    # the SFT stages started from the shared base; the student is the dense model
-    assert read_run_config(str(root / "r1/cold_start"))["init_from"] == str(root / "base")
-    assert read_run_config(str(root / "rejection_sft"))["init_from"] == str(root / "base")
-    student = read_run_config(str(root / "distill"))["model"]
-    assert student["mla"] is None and student["moe"] is None and student["n_layers"] == 1
-    assert len(sampled) == 1  # sampled once from r1's policy (rl.evaluate + the GRPO loader); distill reused it
-    with open(root / "rejection_sft/traces.jsonl") as fh:
-        assert len(fh.readlines()) == len(sampled[0]) + len(r1.cold_start_traces(dataclasses.replace(r1.config(),
-                                                                                                      traces=16)))
-
+    res = json.loads((root / "results.json").read_text())
+    assert res["seeds"] == [0, 1] and res["splits"] == ["in_distribution", "hard"]
+    assert set(res["stages"]) == set(pipeline.STAGES) | {"student_base"}
+    for stage, entry in res["stages"].items():
+        splits = ["in_distribution", "hard"] + (["countdown"] if stage in ("base", "r1_zero") else [])
+        assert set(entry) == set(splits) | {"wall_s"}, stage
+        assert entry["wall_s"] > 0
+        for split in splits:
+            m = entry[split]
+            assert all(0 <= m[key] <= 1 for key in ("pass@1", "pass@k", "maj@k", "think_usage")), (stage, split)
+            assert all(key in m for key in SCHEMA), (stage, split, sorted(m))
+            assert m["n_seeds"] == (1 if stage in ("base", "student_base") else 2)
+            assert m["pass@1_std"] >= 0 and (m["pass@1_std"] == 0 or m["n_seeds"] == 2)
+        if "hard" in entry:  # the hard split poses only chains longer than the trained maximum
+            assert {int(d) for d in entry["hard"]["pass@1_by_length"]} <= {7, 8}
+            assert max(int(d) for d in entry["in_distribution"]["pass@1_by_length"]) <= 6
+    # the seeds differ (the stages' data order and sampling), the stages start where the recipe says
+    z0, z1 = (read_metrics(str(root / "r1_zero" / f"seed{s}")) for s in (0, 1))
+    assert [r["response_len_mean"] for r in z0] != [r["response_len_mean"] for r in z1]
+    assert read_run_config(str(root / "r1/seed1"))["init_from"] == str(root / "cold_start/seed1")
+    assert read_run_config(str(root / "cold_start/seed0"))["init_from"] == str(root / "base")
+    assert read_run_config(str(root / "rejection_sft/seed0"))["init_from"] == str(root / "base")
+    student = read_run_config(str(root / "distill_student/seed0"))
+    assert student["init_from"] == str(root / "student_base") and student["model"]["moe"] is None
+    rs = read_run_config(str(root / "rl_student/seed0"))
+    assert rs["init_from"] == str(root / "student_base") and rs["steps"] == res["rl_student_steps"]
+    # the random-reward control pays at the base's pass@1 and logs the task's accuracy beside it
+    rate = res["random_reward_rate"]
+    assert rate == pytest.approx(res["stages"]["base"]["in_distribution"]["pass@1"], abs=1e-4)
+    assert read_run_config(str(root / "random_reward/seed0"))["rewards"] == [f"random:{rate:.4f}"]
+    assert all("reward_random" in r and "accuracy" in r for r in read_metrics(str(root / "random_reward/seed0")))
+    assert read_run_config(str(root / "format_only/seed1"))["rewards"] == ["format"]
     text = (root / "results.md").read_text()
-    for stage, _, _ in pipeline.STAGES:
-        assert sum(line.startswith(f"| {stage} |") for line in text.splitlines()) >= 1, stage
-    assert (root / "rl_curves.png").exists() and (root / "r1" / "curves.png").exists()
-
-    # the GRPO-run loader returns the policy r1 saved: against a full restore of the state as rl.loop.grpo builds it
-    saved = read_run_config(str(root / "r1"))
-    trainer = Trainer(model_config_from_dict(saved["model"]), OptimConfig(**saved["optim"]), LossConfig(),
-                      make_mesh(MeshConfig(data=-1)))
-    state = trainer.init_state(0)
-    full = {"train": state, **({"ref": state["params"]} if saved["grpo"]["beta"] > 0 or saved["grpo"].get("log_kl") else {})}
-    ckpt = Checkpointer(str(root / "r1" / "checkpoints"))
-    restored, meta = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                               full))
-    ckpt.close()
-    assert meta["step"] == 2
-    _equal(load_base_params(str(root / "r1"), trainer), restored["train"]["params"])
+    for label in ("R1-Zero", "distilled student", "RL student", "random reward", "format reward only", "## hard",
+                  "## countdown"):
+        assert label in text, label
+    assert (root / "rl_curves.png").stat().st_size > 0 and (root / "pass_by_length.png").stat().st_size > 0
+    # a second call finds every stage done and only rewrites the report
+    times = (root / "timings.json").read_text()
+    pipeline.main(exp)
+    assert (root / "timings.json").read_text() == times
