@@ -29,6 +29,7 @@ from rl.grpo import ADVANTAGES, policy_objective, token_mean
 from rl.logprobs import completion_logprobs
 from rl.rollout import finish_rollout, launch_rollout
 from rl.prompts import PromptSource
+from rl.rewards import format_reward
 from sharding import batch_sharding, make_mesh, use_rules
 from sharding.distributed import from_host, to_host
 from train.checkpoint import key_data, key_from_data
@@ -229,7 +230,9 @@ class GRPO:
             "reward": float(roll["rewards"].mean()),
             **{f"reward_{k}": float(v.mean()) for k, v in roll["parts"].items()},
             "accuracy": float(roll["correct"].mean()),
-            "format_rate": float(roll["parts"]["format"].mean()) if "format" in roll["parts"] else float("nan"),
+            # like accuracy, measured whatever the run trains on (the random-reward control has no format reward)
+            "format_rate": float(np.mean(roll["parts"]["format"] if "format" in roll["parts"]
+                                         else format_reward(roll["texts"]))),
             "response_len_mean": float(roll["lengths"].mean()), "response_len_max": float(roll["lengths"].max()),
             "think_rate": float(np.mean([think_used(t) for t in roll["texts"]])),
             "truncated_frac": float(roll["truncated"].mean()), "zero_std_frac": roll["zero_std_frac"],
