@@ -117,6 +117,14 @@ def timed(fn, rounds: int, warmup: int = 1, cpu: list | None = None) -> list[flo
     return out
 
 
+def first_and_median(fn, n: int) -> tuple[float, float]:
+    """(seconds of the first call, compilation included; median seconds of `n` later calls); fn blocks on its results."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    return first, med(timed(fn, n, warmup=0))
+
+
 # ---- measuring on a shared machine ----------------------------------------------------------------------
 
 def machine_busy_s() -> float:

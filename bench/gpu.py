@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import cpu_name, kernel_libs, med
+from bench.common import cpu_name, first_and_median, kernel_libs
 from model import count_params, flops_per_token
 from model.config import ACCELERATOR_PRECISION, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from sharding import MeshConfig, make_mesh
@@ -83,19 +83,6 @@ def device_name() -> str:
 
 def _ready(x):
     return jax.block_until_ready(x)
-
-
-def timed(fn, n: int):
-    """(seconds of the first call, median seconds of `n` later calls); fn blocks on its own results."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return first, med(ts)
 
 
 # ---- configurations ------------------------------------------------------------------------------------------
@@ -137,7 +124,7 @@ def measure_peak(n: int, chain: int = 16, samples: int = 5) -> float:
     w = (jax.random.normal(kw, (n, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
     f = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, y: y @ w, x))
     _ready(f(x, w))
-    _, t = timed(lambda: _ready(f(x, w)), samples)
+    _, t = first_and_median(lambda: _ready(f(x, w)), samples)
     return chain * 2 * n ** 3 / t / 1e12
 
 
@@ -157,7 +144,7 @@ def _train_once(cfg: ModelConfig, batch: int, seq: int, steps: int, mesh) -> tup
         _ready((box["state"], m))
         box["loss"] = float(m["loss"])
 
-    first, step_s = timed(step, steps)
+    first, step_s = first_and_median(step, steps)
     return first, step_s, box["loss"], box["state"]["params"]
 
 
@@ -191,7 +178,7 @@ def sampler_part(cfg: ModelConfig, params, mesh, batch: int, prompt: int, new: i
         out = generate(cfg, params, prompts, lens, new, temperature=1.0, rng=jax.random.key(box["i"]), mesh=mesh)
         box["generated"] = int(np.asarray(_ready(out.lengths)).sum())
 
-    first, t = timed(run, runs)
+    first, t = first_and_median(run, runs)
     return {"batch": batch, "prompt": prompt, "new": new, "gen_s": t, "compile_s": max(first - t, 1e-6),
             "tok_s": box["generated"] / t}
 

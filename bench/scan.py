@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import cpu_name, kernel_libs, med
+from bench.common import cpu_name, first_and_median, kernel_libs
 from model import abstract_params, forward, init_params
 from model.config import MLAConfig, ModelConfig, MoEConfig, deepseek_v3_671b, small_qwen2, tiny_deepseek
 
@@ -87,19 +87,6 @@ def compile_part(n_layers: int, batch: int, seq: int) -> dict:
     return out
 
 
-def _timed(fn, n: int):
-    """(seconds of the first call, median seconds of `n` later calls); fn blocks on its results."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return first, med(ts)
-
-
 def step_part(base: ModelConfig, batch: int, seq: int, steps: int, gen_batch: int, prompt: int, new: int,
               gen_runs: int) -> dict:
     from rl.sampler import generate
@@ -112,8 +99,8 @@ def step_part(base: ModelConfig, batch: int, seq: int, steps: int, gen_batch: in
         cfg = base.replace(scan_layers=scan)
         params = init_params(cfg, 0)
         step = jax.jit(jax.value_and_grad(loss_fn(cfg)))
-        first, t = _timed(lambda: jax.block_until_ready(step(params, tokens)), steps)
-        gfirst, gt = _timed(lambda: jax.block_until_ready(
+        first, t = first_and_median(lambda: jax.block_until_ready(step(params, tokens)), steps)
+        gfirst, gt = first_and_median(lambda: jax.block_until_ready(
             generate(cfg, params, prompts, lens, new, greedy=True).tokens), gen_runs)
         out[name] = {"step_ms": t * 1e3, "first_s": first, "generate_ms": gt * 1e3, "generate_first_s": gfirst}
         print(f"# {name}: step {t * 1e3:.0f} ms (first {first:.1f} s), generate {gt * 1e3:.0f} ms "

@@ -26,40 +26,20 @@ longer carry the answer (tiny-r1-zero-lessons.md, lesson 1). With 8 prompts a st
 
 import dataclasses
 
-from experiments.config import CheckpointConfig, EvalConfig, Experiment, RLExperiment
-from model.config import tiny_deepseek
-from rl.grpo import GRPOConfig
-from rl.rollout import Sampling
+from experiments import r1_zero
+from experiments.config import CheckpointConfig, RLExperiment
 from rl.tasks.countdown import Countdown
-from sharding.mesh import MeshConfig
-from train.config import OptimConfig
-from train.data import DataConfig
 
 TASK = Countdown(reason_prob=0.6)
 
 
 def config() -> RLExperiment:
-    model = tiny_deepseek(vocab_size=512, max_seq_len=512)
-    model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, impl="dense"))  # as experiments/r1_zero.py
-    return RLExperiment(
-        name="r1_zero_countdown",
-        model=model,
-        task=TASK,
-        base=Experiment(
-            name="r1_zero_countdown_base", model=model, steps=300, batch_size=16,
-            data=DataConfig(kind="sft", source="memory", tokenizer="byte", seq_len=256, seed=TASK.corpus_seed,
-                            chat_template=TASK.template),
-            mesh=MeshConfig(data=-1), optim=OptimConfig(lr=3e-3, warmup_steps=20, schedule="cosine",
-                                                        final_lr_frac=0.1),
-            checkpoint=CheckpointConfig(every=100, keep=1)),
-        eval=EvalConfig(problems=96, k=8),
-        prompts=DataConfig(kind="prompts", source="memory", tokenizer="byte", chat_template=TASK.template),
-        grpo=GRPOConfig(num_generations=8, prompts_per_step=16,
-                        sampling=Sampling(temperature=1.0, max_new_tokens=160),
-                        advantage="dr_grpo", loss_agg="seq_mean_token_sum_norm", epsilon_low=0.2,
-                        epsilon_high=0.28, beta=0.0, log_kl=True),
-        mesh=MeshConfig(data=-1),
-        optim=OptimConfig(lr=1e-4, warmup_steps=5, schedule="constant", weight_decay=0.0),
-        checkpoint=CheckpointConfig(every=25, keep=2),
-        max_prompt_len=40, steps=25,
-    )
+    """experiments/r1_zero.py's model, base and GRPO recipe, on Countdown: a 300-step base on its corpus, responses up
+    to 160 tokens (a search is longer than a digit chain's steps), prompts up to 40 tokens."""
+    zero, rep = r1_zero.config(), dataclasses.replace
+    return rep(zero, name="r1_zero_countdown", task=TASK,
+               base=rep(zero.base, name="r1_zero_countdown_base", steps=300,
+                        data=rep(zero.base.data, seed=TASK.corpus_seed, chat_template=TASK.template)),
+               prompts=rep(zero.prompts, chat_template=TASK.template),
+               grpo=rep(zero.grpo, sampling=rep(zero.grpo.sampling, max_new_tokens=160)),
+               checkpoint=CheckpointConfig(every=25, keep=2), max_prompt_len=40, steps=25)
