@@ -243,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
                                               f"eval.problems={saved['eval']['problems']}",
                                               f"zero.task.slots={saved['zero']['task'].get('slots', 0)}"])
     base = saved.get("base_dir") or ""
-    rate = None if not os.path.exists(os.path.join(base or os.path.join(root, "base"), "eval_in_distribution.json")) \
-        else base_rate(base or os.path.join(root, "base"))
-    print(write_results(root, exp, base, **({"rate": rate} if rate is not None else {})))
+    extra = {}  # what the pipeline computed while running: kept from its last report
+    old = _read(os.path.join(root, "results.json")) or {}
+    if "rl_student_steps" in old:
+        extra["rl_student_steps"] = old["rl_student_steps"]
+    if os.path.exists(os.path.join(base or os.path.join(root, "base"), "eval_in_distribution.json")):
+        extra["rate"] = base_rate(base or os.path.join(root, "base"))
+    print(write_results(root, exp, base, **extra))
     return 0
 
 
