@@ -44,9 +44,10 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from experiments import r1_zero
+from experiments import r1, r1_zero
 from experiments.config import CheckpointConfig, EvalConfig, RLExperiment, RunConfig
 from experiments.distill import dense_student
+from experiments.r1 import R1Experiment
 from experiments.stages import SFTConfig, TraceConfig, matched_rl_steps, policy_traces, sft_experiment, shared_base
 from model.config import ModelConfig
 from train.config import OptimConfig
@@ -188,7 +189,6 @@ def compile_cache(root: str) -> None:
 def main(exp: PipelineExperiment) -> None:
     from experiments.results import base_rate, write_results
     from rl.loop import grpo
-    from rl.traces import curate
     from train.loop import pretrain
 
     root, rep = exp.directory, dataclasses.replace
@@ -210,7 +210,8 @@ def main(exp: PipelineExperiment) -> None:
         ledger.run("student_base", student_base, lambda: shared_base(student, student_base), digits)
     rate = exp.random_rate if exp.random_rate >= 0 else base_rate(base)
     rl_steps = exp.rl_student_steps or matched_rl_steps(exp.distill, student)
-    cold_records = curate(zero.task.worked(exp.cold_start_seed, exp.cold_start_traces), task=zero.task)
+    cold_records = r1.cold_start_traces(R1Experiment(rl=zero, traces=exp.cold_start_traces,
+                                                     cold_start_seed=exp.cold_start_seed))
     train_records = zero.task.train_records()
 
     for s in exp.seeds:

@@ -37,9 +37,9 @@ import math
 import numbers as _numbers
 import re
 from collections.abc import Callable
+from fractions import Fraction
 
 import numpy as np
-from fractions import Fraction
 
 from rl.reward_inputs import (
     ANSWER_WINDOW, SandboxError, _column, _completions, _finite, _guarded, _is_seq, _text, extract_answer)
