@@ -67,3 +67,20 @@ def from_host(x, sharding: NamedSharding):
         return x
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def all_gather_json(obj) -> list:
+    """Every process's `obj` (JSON-serialisable), in process order, on every process: a collective, so every
+    process must call it. Used for the data iterators' states, which differ per process, at a checkpoint."""
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(every[i, :int(n)].tobytes()) for i, n in enumerate(sizes)]

@@ -363,9 +363,9 @@ def test_deterministic_given_seed():
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
-def test_processes_get_disjoint_slices_of_the_global_batch(kind):
-    cfg = DataConfig(kind=kind, seq_len=64)
-    glob = take(it_for(cfg, batch=8), 3)
+def test_processes_read_their_own_shards_and_match_one_process(kind):
+    cfg = DataConfig(kind=kind, seq_len=64, num_shards=4)
+    glob = take(it_for(cfg, batch=8), 3)  # one process building all four shards
     parts = [take(it_for(cfg, batch=8, pi=i, pc=4), 3) for i in range(4)]
     for step, g in enumerate(glob):
         for k in KEYS:
@@ -373,6 +373,58 @@ def test_processes_get_disjoint_slices_of_the_global_batch(kind):
             np.testing.assert_array_equal(np.concatenate([p[step][k] for p in parts]), g[k])
         rows = [tuple(p[step]["inputs"][r]) for p in parts for r in range(2)]
         assert len(set(rows)) == 8  # different rows on different processes
+    # two processes of two shards each give the same global batches
+    halves = [take(it_for(cfg, batch=8, pi=i, pc=2), 3) for i in range(2)]
+    assert same_batches([{k: np.concatenate([h[s][k] for h in halves]) for k in KEYS} for s in range(3)], glob)
+    # num_shards=0 means one per process; the single-process default is the whole pipeline as one shard
+    assert make_iterator(DataConfig(kind=kind), 8, BYTE, process_index=1, process_count=2).shards == (1,)
+    with pytest.raises(ValueError, match="data.num_shards"):
+        it_for(DataConfig(num_shards=3), batch=6, pi=0, pc=2)
+    with pytest.raises(ValueError, match="num_shards 4"):
+        it_for(cfg, batch=6)
+
+
+def _docs_in(batches):
+    """The documents ('doc <id> ...') whose start appears in a list of pretraining batches."""
+    text = "".join(bytes(int(t) for t in row if 0 < t < 256).decode("latin-1")
+                   for b in batches for row in b["inputs"])
+    return [int(w.split()[0]) for w in text.split("doc ")[1:]]
+
+
+@pytest.mark.parametrize("source", ["memory", "jsonl", "parquet"])
+def test_each_process_reads_only_its_records(source, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import train.streaming as streaming
+
+    docs = [f"doc {i} " + "x" * (i % 7) for i in range(120)]
+    path, records = "", None
+    if source == "memory":
+        records = docs
+    elif source == "jsonl":
+        monkeypatch.setattr(streaming, "JSONL_BLOCK_BYTES", 200)  # ~8 blocks
+        path = tmp_path / "docs.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    else:
+        path = tmp_path / "docs.parquet"
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=15)
+    read = []
+    real = streaming.read_block
+    monkeypatch.setattr(streaming, "read_block", lambda b, f: read.append(b) or real(b, f))
+    cfg = DataConfig(source=source, path=str(path), seq_len=32, num_epochs=1, shuffle_window=16)
+    seen, blocks = [], []
+    for i in range(2):
+        read.clear()
+        seen.append(_docs_in(list(it_for(cfg, batch=4, records=records, pi=i, pc=2))))
+        blocks.append(set(read))
+    assert not set(seen[0]) & set(seen[1])  # disjoint shares of one epoch
+    assert len(seen[0]) + len(seen[1]) > 90 and all(len(s) == len(set(s)) for s in seen)
+    if source == "memory":  # records i::2 after one global shuffle
+        assert set(seen[0]) | set(seen[1]) <= set(range(120))
+    else:
+        assert blocks[0] and blocks[1] and not blocks[0] & blocks[1]  # no block is read by both processes
+        assert len(blocks[0] | blocks[1]) == len(streaming.list_blocks([str(path)], {"text": "data.text_field"}))
 
 
 @pytest.mark.parametrize("cfg, records", [
@@ -396,3 +448,37 @@ def test_resume_gives_identical_batches(cfg, records):
     with pytest.raises(ValueError, match="seq_len"):
         it_for(DataConfig(kind=cfg.kind, source=cfg.source, seq_len=cfg.seq_len + 1, pack=cfg.pack, seed=cfg.seed),
                batch=4, records=records).set_state(state)
+
+
+def test_streamed_source_resumes_mid_block_and_mid_window(tmp_path, monkeypatch):
+    import train.streaming as streaming
+
+    monkeypatch.setattr(streaming, "JSONL_BLOCK_BYTES", 300)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " + "y" * (i % 11)}) + "\n"
+                                              for i in range(200)))
+    cfg = DataConfig(source="jsonl", path=str(tmp_path / "a.jsonl"), seq_len=24, shuffle_window=8, num_shards=2)
+    want = take(it_for(cfg, batch=4, pi=1, pc=2), 12)
+    for k in (1, 5):
+        it = it_for(cfg, batch=4, pi=1, pc=2)
+        take(it, k)
+        state = json.loads(json.dumps(it.get_state()))
+        assert set(state["shards"]) == {"1"}  # a process saves (and here, without peers, gathers) its own shards
+        it2 = it_for(cfg, batch=4, pi=1, pc=2)
+        it2.set_state(state)
+        assert same_batches(take(it2, 4), want[k:k + 4]), k
+    # a state of another sharding is refused with the way out
+    with pytest.raises(ValueError, match="set data.num_shards"):
+        it_for(dataclasses.replace(cfg, num_shards=0), batch=4).set_state(state)
+
+
+def test_version_1_state_restores_as_one_shard():
+    cfg = DataConfig(seq_len=48)
+    it = it_for(cfg)
+    take(it, 3)
+    v2 = it.get_state()
+    shard = v2["shards"]["0"]
+    v1 = {"version": 1, "config": {k: v for k, v in v2["config"].items() if k not in ("num_shards", "shuffle_window")},
+          "stats": shard["stats"], "pipeline": shard["pipeline"]}
+    it2 = it_for(cfg)
+    it2.set_state(json.loads(json.dumps(v1)))
+    assert same_batches(take(it2, 3), take(it, 3)) and it2.stats["batches"] == 6

@@ -1,18 +1,21 @@
 """Two processes on localhost run experiment files through `python -m experiments.run`, joined by the R1JAX_*
-environment: pretraining with parameters sharded across the processes (fsdp = 2), then GRPO from it (data = 2),
-one metrics line per step, pretraining losses equal to one process with the same two devices."""
+environment, against one process with the same two devices: pretraining with parameters sharded across the
+processes (fsdp = 2) and each process reading its own data shard, checkpointed, SIGKILLed, resumed; then GRPO from
+it (data = 2). One metrics line per step, and the same losses as the one process."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = ["steps=3", "batch_size=4", "mesh.data=1", "mesh.fsdp=-1", "data.seq_len=32", "model.max_seq_len=256", "checkpoint.every=0",
-            "progress=false", "tensorboard=false"]
+PRETRAIN = ["steps=8", "batch_size=4", "mesh.data=1", "mesh.fsdp=-1", "data.seq_len=32", "model.max_seq_len=256",
+            "data.num_shards=2", "progress=false", "tensorboard=false"]
 GRPO = ["steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.sampling.max_new_tokens=6",
         "checkpoint.every=0", "progress=false", "tensorboard=false"]
 
@@ -28,16 +31,29 @@ def _env(**extra):
     return {**env, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **extra}
 
 
-def _run_two(args):
+def _start_two(args):
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=_env(XLA_FLAGS="", R1JAX_COORDINATOR=f"127.0.0.1:{port}",
-                                       R1JAX_NUM_PROCESSES="2", R1JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
-    for p in procs:
+    return [subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=_env(XLA_FLAGS="", R1JAX_COORDINATOR=f"127.0.0.1:{port}",
+                                      R1JAX_NUM_PROCESSES="2", R1JAX_PROCESS_ID=str(i)))
+            for i in range(2)]
+
+
+def _run_two(args) -> str:
+    """Run two processes to the end; -> process 0's stderr."""
+    errs = []
+    for p in _start_two(args):
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, (out[-1000:], err[-3000:])
+        errs.append(err)
+    return errs[0]
+
+
+def _run_one(args):
+    ref = subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
 
 
 def _lines(run_dir):
@@ -46,18 +62,33 @@ def _lines(run_dir):
 
 
 def test_two_processes_run_experiment_files(tmp_path):
-    one, two, rl = tmp_path / "one", tmp_path / "two", tmp_path / "rl"
-    ref = subprocess.run([sys.executable, "-m", "experiments.run", "experiments/tiny_pretrain.py", f"run_dir={one}",
-                          *PRETRAIN], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    _run_two(["experiments/tiny_pretrain.py", f"run_dir={two}", *PRETRAIN])
-    a, b = _lines(one), _lines(two)
-    assert [r["step"] for r in b] == [1, 2, 3]  # one line per step: only process 0 writes
-    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=0, atol=1e-5)
-    assert json.load(open(two / "config.json"))["steps"] == 3
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run_one(["experiments/tiny_pretrain.py", f"run_dir={one}", *PRETRAIN, "checkpoint.every=0"])
 
-    _run_two(["experiments/grpo_arithmetic.py", f"run_dir={rl}", f"init_from={two}", "model.max_seq_len=256",
-              *GRPO])
-    rows = _lines(rl)
+    # two processes, checkpointing every 2 steps, killed mid-run, then resumed
+    args = ["experiments/tiny_pretrain.py", f"run_dir={two}", *PRETRAIN, "checkpoint.every=2"]
+    procs, metrics = _start_two(args), two / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.exists() and sum(1 for _ in open(metrics)) >= 5:
+            break
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    err = _run_two(args)
+    assert "resumed from step" in err, err[-2000:]
+    a, b = _lines(one), _lines(two)
+    assert [r["step"] for r in b] == list(range(1, 9))  # one line per step: only process 0 writes
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=0, atol=1e-5)
+    assert json.load(open(two / "config.json"))["steps"] == 8
+
+    rl_one, rl_two = tmp_path / "rl_one", tmp_path / "rl_two"
+    grpo = ["experiments/grpo_arithmetic.py", f"init_from={two}", "model.max_seq_len=256", *GRPO]
+    _run_two([*grpo, f"run_dir={rl_two}"])
+    _run_one([*grpo, f"run_dir={rl_one}"])
+    rows, ref = _lines(rl_two), _lines(rl_one)
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    for key in ("loss", "reward"):
+        np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in ref], rtol=0, atol=1e-5, err_msg=key)

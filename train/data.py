@@ -10,10 +10,12 @@ per row for real tokens and 0 for padding; `positions` restart at 0 at each segm
 `inputs[i]` in the same row; `loss_mask` is 1 where that target is a trained token of the same segment (0 on padding,
 at segment ends where the next token starts another document, and on SFT prompt tokens).
 
-Pipeline (the same for every process; each process keeps its slice of the global batch):
+Pipeline of one data shard (`num_shards`, one per process by default; a process builds only its own shards):
 
-    records (synthetic | memory | jsonl | parquet/arrow; train/sources.py)  -- grain.MapDataset.source
-      -> shuffle(seed) per epoch (reshuffled each epoch) -> repeat(num_epochs or forever)
+    records: random access (synthetic | memory | Arrow IPC, memory-mapped)       -- grain.MapDataset.source
+               -> shuffle(seed) per epoch (reshuffled each epoch) -> repeat(num_epochs or forever) -> [shard::num_shards]
+             or streamed (jsonl | parquet; train/streaming.py): blocks (row groups / 1 MiB byte ranges), shuffled,
+               repeated, [shard::num_shards], read CYCLE_LENGTH at a time -> window shuffle (shuffle_window records)
       -> tokenise: pretrain [bos] text [eos], every token but the first is a target;
                    sft [bos] template(prompt) | sep response [eos], targets only on the response part (+ eos)
       -> fit to seq_len + 1 tokens (train/packing.py): pretrain documents that are too long are cut into chunks that overlap by one
@@ -22,8 +24,13 @@ Pipeline (the same for every process; each process keeps its slice of the global
          room for a response token (stats 'dropped')
       -> grain.experimental.FirstFitPackIterDataset into rows of seq_len + 1 tokens (whole sequences, never split;
          `pack=False` sets max_sequences_per_bin=1: one sequence per row, padded)
-      -> batch(global batch) -> shift into inputs/targets
+      -> batch(batch_size / num_shards rows) -> shift into inputs/targets
       -> optional grain mp_prefetch (num_workers > 0)
+
+Shard s fills rows [s*r, (s+1)*r) of every global batch (r = batch_size / num_shards), so process p of n holds the
+contiguous rows of its shards, as `sharding.distributed.global_batch` expects. The global batches depend on
+`num_shards`, not on the number of processes: with `num_shards` fixed, one process reproduces a multi-process run
+batch for batch, and a run can resume on a different number of processes.
 
 Packing uses grain's first-fit packer rather than concat-then-split so that short documents (and SFT examples)
 stay whole; each row's last token is only a target, which costs nothing because sequences never cross rows.
@@ -44,13 +51,15 @@ from train.sources import (  # noqa: F401
     _check,
     _needed_fields,
     load_records,
+    stream_files,
 )
+from train.streaming import list_blocks, read_block, stream_records
 from train.packing import ROW_KEYS, FitToRows, ToBatch
 from train.tokenizer import Tokenizer, load_tokenizer, validate_vocab  # noqa: F401  (re-exported)
 
 KINDS = ("pretrain", "sft", "prompts")  # prompts: RL prompt/answer records (no batching here)
 SOURCES = ("synthetic", "memory", "jsonl", "parquet")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-shard states; 1 (one global pipeline) still restores
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,14 @@ class DataConfig:
             order depends on this number: keep it fixed across a resume (the state records it).
         synthetic_size (`int`, *optional*, defaults to `100000`):
             Number of records of the synthetic source (one epoch).
+        num_shards (`int`, *optional*, defaults to `0`):
+            Data shards, each reading its own share of the records and packing its own rows of every global batch;
+            a process reads only its shards. 0: one per process. A multiple of the process count that divides the
+            batch size; set it to resume on a different number of processes, or to reproduce a multi-process run
+            on one process.
+        shuffle_window (`int`, *optional*, defaults to `4096`):
+            Records shuffled together in a streamed (JSONL / Parquet) source, after the block order is shuffled;
+            random-access sources are shuffled globally and ignore it. 1 turns the window shuffle off.
     """
 
     kind: str = "pretrain"
@@ -120,6 +137,8 @@ class DataConfig:
     num_epochs: int = 0
     num_workers: int = 0
     synthetic_size: int = 100_000
+    num_shards: int = 0
+    shuffle_window: int = 4096
 
     def __post_init__(self):
         _check(self.kind in KINDS, "data.kind", f"must be one of {KINDS}, got {self.kind!r}")
@@ -151,6 +170,10 @@ class DataConfig:
                f"must be an int >= 0, got {self.num_workers!r}")
         _check(_is_int(self.synthetic_size) and self.synthetic_size >= 1, "data.synthetic_size",
                f"must be an int >= 1, got {self.synthetic_size!r}")
+        _check(_is_int(self.num_shards) and self.num_shards >= 0, "data.num_shards",
+               f"must be an int >= 0 (0: one per process), got {self.num_shards!r}")
+        _check(_is_int(self.shuffle_window) and self.shuffle_window >= 1, "data.shuffle_window",
+               f"must be an int >= 1, got {self.shuffle_window!r}")
 
 
 def _is_int(x):
@@ -194,32 +217,44 @@ class _Encode:
         return {"tokens": np.asarray(ids, np.int32), "mask": mask}
 
 
-def build_dataset(cfg: DataConfig, batch_size: int, tokenizer: Tokenizer,
-                  records: Sequence | None = None) -> grain.IterDataset:
-    """The grain pipeline of global batches (every process builds the same one). See the module doc."""
-    _check(_is_int(batch_size) and batch_size >= 1, "batch_size", f"must be an int >= 1, got {batch_size!r}")
-    _check(tokenizer.eos_id is not None, "tokenizer", f"{tokenizer!r} has no EOS token")
-    recs = load_records(cfg, records)
-    ds = grain.MapDataset.source(recs)
+def _records(cfg: DataConfig, records, shard: int, num_shards: int) -> grain.IterDataset:
+    """The raw records of one shard (see the module doc)."""
+    files = stream_files(cfg)
+    if files is not None:
+        fields = _needed_fields(cfg)
+        blocks = list_blocks(files, fields)
+        # fail now, naming the field, rather than inside a prefetch thread; and an empty source would spin forever
+        _check(any(read_block(b, fields) for b in blocks), "data.source", f"{cfg.source!r} gave no records ({cfg.path})")
+        return stream_records(blocks, fields, shard=shard, num_shards=num_shards, shuffle=cfg.shuffle,
+                              seed=cfg.seed, num_epochs=cfg.num_epochs, shuffle_window=cfg.shuffle_window)
+    ds = grain.MapDataset.source(load_records(cfg, records))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(cfg.num_epochs or None).map(_Encode(cfg, tokenizer))
-    length = cfg.seq_len + 1
+    ds = ds.repeat(cfg.num_epochs or None)[shard::num_shards]
     # One reader thread: grain's default (16 threads, 500 buffered) costs more in bookkeeping than it saves here.
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=32))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=32))
+
+
+def build_dataset(cfg: DataConfig, rows: int, tokenizer: Tokenizer, records: Sequence | None = None,
+                  shard: int = 0, num_shards: int = 1) -> grain.IterDataset:
+    """The grain pipeline of shard `shard` of `num_shards`: batches of its `rows` rows. See the module doc."""
+    _check(_is_int(rows) and rows >= 1, "batch_size", f"must give an int >= 1 rows per shard, got {rows!r}")
+    _check(tokenizer.eos_id is not None, "tokenizer", f"{tokenizer!r} has no EOS token")
+    ds = _records(cfg, records, shard, num_shards).map(_Encode(cfg, tokenizer))
+    length = cfg.seq_len + 1
     it = FitToRows(ds, length, chunk=cfg.kind == "pretrain")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     it = grain.experimental.FirstFitPackIterDataset(
         it,
         length_struct={k: length for k in ROW_KEYS},
-        num_packing_bins=max(batch_size, 32) if cfg.pack else batch_size,
-        seed=cfg.seed,
+        num_packing_bins=max(rows, 32) if cfg.pack else rows,
+        seed=cfg.seed + shard,
         shuffle_bins=cfg.shuffle,
         meta_features=ROW_KEYS[1:],
         padding_struct={"tokens": pad, "mask": 0, "trunc": 0, "drop": 0},
         max_sequences_per_bin=None if cfg.pack else 1,
     )
-    it = it.batch(batch_size, drop_remainder=True).map(ToBatch())
+    it = it.batch(rows, drop_remainder=True).map(ToBatch())
     if cfg.num_workers:
         from absl import flags
 
@@ -254,8 +289,9 @@ def _jsonable(x):
 class DataIterator:
     """Iterator of this process's rows of each global batch, with `get_state` / `set_state` for checkpoints.
 
-    `stats` (also part of the state) counts over the global batches so far: batches, sequences (segments),
-    loss_tokens, pad_tokens (padding positions in inputs), truncated and dropped SFT examples.
+    The process builds the pipelines of its data shards only (`shards`) and concatenates their rows. `stats` counts
+    over this process's rows so far: batches, sequences (segments), loss_tokens, pad_tokens (padding positions in
+    inputs), truncated and dropped SFT examples.
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, tokenizer: Tokenizer, records=None,
@@ -270,55 +306,91 @@ class DataIterator:
                f"must be in [0, {process_count}), got {process_index!r}")
         _check(_is_int(batch_size) and batch_size >= 1 and batch_size % process_count == 0, "batch_size",
                f"the global batch size {batch_size!r} must be a positive multiple of process_count {process_count}")
+        n = cfg.num_shards or process_count
+        _check(n % process_count == 0, "data.num_shards",
+               f"{n} shards cannot be split evenly over {process_count} processes")
+        _check(batch_size % n == 0, "batch_size",
+               f"the global batch size {batch_size} must be a multiple of data.num_shards {n}")
         self.cfg, self.batch_size, self.tokenizer = cfg, batch_size, tokenizer
-        self.process_index, self.process_count = process_index, process_count
-        rows = batch_size // process_count
-        self._rows = slice(process_index * rows, (process_index + 1) * rows)
-        self._dataset = build_dataset(cfg, batch_size, tokenizer, records)
-        self._it = iter(self._dataset)
+        self.process_index, self.process_count, self.num_shards = process_index, process_count, n
+        local = n // process_count
+        self.shards = tuple(range(process_index * local, (process_index + 1) * local))
+        if cfg.source == "memory":
+            records = load_records(cfg, records)  # validated once, shared by the local shards
+        self._its = [iter(build_dataset(cfg, batch_size // n, tokenizer, records, s, n)) for s in self.shards]
         # Close prefetch threads / worker processes before interpreter teardown (grain's __del__ is noisy then).
-        self._finalizer = weakref.finalize(self, _close_iterator, self._it)
-        self.stats = self._zero_stats()
+        self._finalizer = weakref.finalize(self, _close_iterators, self._its)
+        self._stats = [self._zero_stats() for _ in self.shards]
 
     @staticmethod
     def _zero_stats():
         return {"batches": 0, "sequences": 0, "loss_tokens": 0, "pad_tokens": 0, "truncated": 0, "dropped": 0}
 
+    @property
+    def stats(self) -> dict[str, int]:
+        out = {k: sum(s[k] for s in self._stats) for k in self._zero_stats()}
+        out["batches"] = self._stats[0]["batches"]
+        return out
+
     def _fingerprint(self):
         c = self.cfg
         return {"kind": c.kind, "source": c.source, "seq_len": c.seq_len, "seed": c.seed, "shuffle": c.shuffle,
-                "pack": c.pack, "num_workers": c.num_workers, "batch_size": self.batch_size}
+                "pack": c.pack, "num_workers": c.num_workers, "batch_size": self.batch_size,
+                "num_shards": self.num_shards, "shuffle_window": c.shuffle_window}
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        g = next(self._it)
-        seg = g["segment_ids"]
-        s = self.stats
-        s["batches"] += 1
-        s["sequences"] += int(seg.max(axis=1).sum())
-        s["loss_tokens"] += int(g["loss_mask"].sum())
-        s["pad_tokens"] += int((seg == 0).sum())
-        s["truncated"] += int(g["_truncated"])
-        s["dropped"] += int(g["_dropped"])
-        return {k: v[self._rows] for k, v in g.items() if not k.startswith("_")}
+        parts = []
+        for it, s in zip(self._its, self._stats):
+            g = next(it)
+            seg = g["segment_ids"]
+            s["batches"] += 1
+            s["sequences"] += int(seg.max(axis=1).sum())
+            s["loss_tokens"] += int(g["loss_mask"].sum())
+            s["pad_tokens"] += int((seg == 0).sum())
+            s["truncated"] += int(g["_truncated"])
+            s["dropped"] += int(g["_dropped"])
+            parts.append(g)
+        if len(parts) == 1:
+            return {k: v for k, v in parts[0].items() if not k.startswith("_")}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if not k.startswith("_")}
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "config": self._fingerprint(), "stats": dict(self.stats),
-                "pipeline": _jsonable(self._it.get_state())}
+        """The state of every shard (JSON). On several processes this gathers the other processes' shards, so
+        every process must call it (as every process takes part in a checkpoint save)."""
+        shards = {str(i): {"pipeline": _jsonable(it.get_state()), "stats": dict(st)}
+                  for i, it, st in zip(self.shards, self._its, self._stats)}
+        if self.process_count > 1:
+            from sharding.distributed import all_gather_json
+
+            shards = {k: v for part in all_gather_json(shards) for k, v in part.items()}
+        return {"version": STATE_VERSION, "config": self._fingerprint(), "shards": shards}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        _check(state.get("version") == STATE_VERSION, "state", f"unknown data state version {state.get('version')!r}")
+        version = state.get("version")
+        _check(version in (1, STATE_VERSION), "state", f"unknown data state version {version!r}")
+        if version == 1:  # one pipeline of the global batch: the same as one shard
+            state = {"config": {**state["config"], "num_shards": 1},
+                     "shards": {"0": {"pipeline": state["pipeline"], "stats": state["stats"]}}}
         mine = self._fingerprint()
         diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
         _check(not diff, "state", "saved with a different data setup (saved, now): "
-               + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
-        self._it.set_state(state["pipeline"])
-        self.stats = {**self._zero_stats(), **state["stats"]}
+               + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+               + ("; set data.num_shards to the saved value to resume on another number of processes"
+                  if "num_shards" in diff else ""))
+        for i, it in zip(self.shards, self._its):
+            it.set_state(state["shards"][str(i)]["pipeline"])
+        self._stats = [{**self._zero_stats(), **state["shards"][str(i)]["stats"]} for i in self.shards]
 
     def close(self):
         self._finalizer()
+
+
+def _close_iterators(its):
+    for it in its:
+        _close_iterator(it)
 
 
 def _close_iterator(it):
@@ -329,7 +401,8 @@ def _close_iterator(it):
 
 def make_iterator(cfg: DataConfig, batch_size: int, tokenizer: Tokenizer | str | None = None, records=None,
                   process_index: int | None = None, process_count: int | None = None) -> DataIterator:
-    """This process's batches: rows [i*B/n, (i+1)*B/n) of each global batch of `batch_size` rows.
+    """This process's batches: rows [i*B/n, (i+1)*B/n) of each global batch of `batch_size` rows, read and packed
+    by this process's data shards alone.
 
     `tokenizer` defaults to `load_tokenizer(cfg.tokenizer)`; `records` feeds source 'memory'; process index and
     count default to jax.process_index() / jax.process_count().

@@ -2,9 +2,12 @@
 Parquet / Arrow file readers.
 
     recs = load_records(cfg)                 # random-access Sequence of strings or dicts, validated
+    files = stream_files(cfg)                # JSONL / Parquet files that training pipelines stream instead
 
-`load_records` checks that the records carry the fields `cfg.kind` needs (see `DataConfig`, train/data.py);
-tokenisation, packing and batching live in train/data.py.
+`load_records` checks that the records carry the fields `cfg.kind` needs (see `DataConfig`, train/data.py); it holds
+a JSONL or Parquet source whole in memory, which suits prompt sets (rl/prompts.py), while the pretraining / SFT
+pipeline streams those files block by block (train/streaming.py). Tokenisation, packing and batching live in
+train/data.py.
 """
 
 from __future__ import annotations
@@ -64,23 +67,26 @@ def _files(path: str, patterns: tuple[str, ...]) -> list[str]:
 
 
 def _read_jsonl(path: str, fields: dict[str, str]) -> list[dict]:
-    out = []
-    for fn in _files(path, ("*.jsonl",)):
-        with open(fn, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{fn}:{lineno}: invalid JSON ({e})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{fn}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                for k, name in fields.items():
-                    _check(isinstance(rec.get(k), str), name,
-                           f"{fn}:{lineno}: needs a string field {k!r} (fields: {sorted(rec)})")
-                out.append({k: rec[k] for k in fields})
-    return out
+    from train.streaming import list_blocks, read_block
+
+    files = _files(path, ("*.jsonl",))
+    return [rec for block in list_blocks(files, fields) for rec in read_block(block, fields)]
+
+
+def stream_files(cfg: DataConfig) -> list[str] | None:
+    """The files a training pipeline streams in blocks (train/streaming.py): JSONL, and Parquet unless the
+    directory holds Arrow IPC files, which are memory-mapped and read by random access. None for in-memory and
+    synthetic sources."""
+    if cfg.source not in ("jsonl", "parquet"):
+        return None
+    path = os.fspath(cfg.path)
+    files = _files(path, ("*.jsonl",) if cfg.source == "jsonl" else ("*.parquet", "*.arrow"))
+    if cfg.source == "parquet":
+        kinds = {fn.endswith(".parquet") for fn in files}
+        _check(len(kinds) == 1, "data.path", f"{path} mixes .parquet and .arrow files: point it at one kind")
+        if not kinds.pop():
+            return None
+    return files
 
 
 def _read_arrow_table(fn: str, fields: dict[str, str]):
