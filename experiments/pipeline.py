@@ -100,6 +100,7 @@ class PipelineExperiment(RunConfig):
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(problems=48, k=8))
     hard_max_new_tokens: int = 56  # an 8-term worked answer is ~45 tokens
     eval_batch_size: int = 256  # rows per generate call
+    workers: int = 2  # runs trained at once, each in its own process (a tiny model's step keeps one core busy)
     base_dir: str = ""  # default run_dir/base
     run_dir: str = ""
     name: str = "pipeline"
@@ -118,6 +119,8 @@ class PipelineExperiment(RunConfig):
         used = {getattr(t, f): f for f in ("corpus_seed", "prompt_seed", "held_out_seed", "hard_seed") if hasattr(t, f)}
         if self.cold_start_seed in used:
             raise ValueError(f"cold_start_seed: {self.cold_start_seed} is already zero.task.{used[self.cold_start_seed]}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers: must be an int >= 1, got {self.workers!r}")
         if self.random_rate > 1:
             raise ValueError(f"random_rate: must be <= 1 (< 0: the base's pass@1), got {self.random_rate}")
 
@@ -150,7 +153,7 @@ class Scorer:
 
 
 class Ledger:
-    """Runs each (stage, seed) once: skipped when its eval files exist; train and eval seconds -> timings.json."""
+    """timings.json: the train and eval seconds of each (stage, seed) run, and the pipeline's wall time."""
 
     def __init__(self, root: str):
         self.path = os.path.join(root, "timings.json")
@@ -159,99 +162,219 @@ class Ledger:
             with open(self.path) as fh:
                 self.times = json.load(fh)
 
-    def run(self, key: str, run_dir: str, train, score: Scorer) -> None:
-        if all(os.path.exists(f) for f in score.files(run_dir)):
-            log.info("pipeline: %s is done (%s exist); skipping", key, ", ".join(map(os.path.basename,
-                                                                                     score.files(run_dir))))
-            return
-        t0 = time.perf_counter()
-        train()
-        t1 = time.perf_counter()
-        score(run_dir)
+    def record(self, key: str, times: dict) -> None:
         prev = self.times.get(key, {})
-        self.times[key] = {"train_s": prev.get("train_s", 0.0) + t1 - t0,
-                           "eval_s": prev.get("eval_s", 0.0) + time.perf_counter() - t1}
+        self.times[key] = {k: prev.get(k, 0.0) + v for k, v in times.items()}
         with open(self.path + ".tmp", "w") as fh:
             json.dump(self.times, fh, indent=2)
         os.replace(self.path + ".tmp", self.path)
-        log.info("pipeline: %s took %.0f s + %.0f s evaluation", key, t1 - t0, time.perf_counter() - t1)
 
 
-def compile_cache(root: str) -> None:
-    """A persistent XLA cache under run_dir: every seed and stage compiles the same GRPO, SFT and sampling programs,
-    so only the first of each compiles (unless the user configured a cache of their own)."""
+def compile_cache(root: str, directory: str = "") -> str:
+    """A persistent XLA cache (`directory`, default run_dir/xla_cache unless the user configured one): every seed and
+    stage compiles the same GRPO, SFT and sampling programs, so only the first of each compiles, in any worker."""
     import jax
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(root), "xla_cache"))
+    if directory or not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", directory or os.path.join(os.path.abspath(root), "xla_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return jax.config.jax_compilation_cache_dir
+
+
+def job_graph(exp: PipelineExperiment) -> dict[str, tuple[str, ...]]:
+    """run key (its directory under run_dir) -> the keys it waits for; started in this order when ready (the
+    bases, then each seed's longest chain first)."""
+    on, g = set(exp.stages), {"base": ()}
+    if "countdown" in on:
+        g["countdown/base"] = ()
+    if on & {"distill_student", "rl_student"}:
+        g["student_base"] = ()
+    after = {"r1_zero": ("base",), "cold_start": ("base",), "r1": ("cold_start",),
+             "rejection_sft": ("r1",),  # samples r1's traces (traces.jsonl), which distill_student reuses
+             "distill_student": ("r1", "rejection_sft", "student_base"), "rl_student": ("student_base",),
+             "random_reward": ("base",), "format_only": ("base",)}
+    order = ("cold_start", "r1", "rejection_sft", "distill_student", "r1_zero", "random_reward", "format_only",
+             "rl_student")
+    for s in exp.seeds:
+        for stage in order:
+            if stage in on:
+                g[f"{stage}/seed{s}"] = tuple(d if d in ("base", "student_base") else f"{d}/seed{s}"
+                                              for d in after[stage])
+        if "countdown" in on:
+            g[f"countdown/r1_zero/seed{s}"] = ("countdown/base",)
+    return {k: tuple(d for d in deps if d in g) for k, deps in g.items()}
+
+
+class _Stages:
+    """What one process needs to train and score any run of the pipeline (built once per worker)."""
+
+    def __init__(self, exp: PipelineExperiment):
+        from experiments.results import base_rate
+
+        rep = dataclasses.replace
+        self.exp, self.root = exp, exp.directory
+        self.run_cfg = {"progress": exp.progress and exp.workers <= 1, "tensorboard": exp.tensorboard}
+        self.zero, n = rep(exp.zero, **self.run_cfg), exp.eval.problems
+        self.base = exp.base_dir or os.path.join(self.root, "base")
+        self.student_base = os.path.join(self.root, "student_base")
+        student_base = rep(self.zero.base, name="student_base", steps=exp.student_base_steps or self.zero.base.steps)
+        self.student = rep(self.zero, name="rl_student", model=exp.student, base=student_base)
+        max_new = {"in_distribution": self.zero.grpo.sampling.max_new_tokens, "hard": exp.hard_max_new_tokens}
+        self.digits = Scorer(self.zero, exp.eval, self.zero.task.splits(n), max_new, exp.eval_batch_size)
+        self.rl_steps = exp.rl_student_steps or matched_rl_steps(exp.distill, self.student)
+        self.rate = lambda: exp.random_rate if exp.random_rate >= 0 else base_rate(self.base)
+        self.cd = rep(exp.countdown, **self.run_cfg)
+        self.countdown = Scorer(self.cd, exp.eval, {"countdown": self.cd.task.held_out(n)},
+                                {"countdown": self.cd.grpo.sampling.max_new_tokens}, exp.eval_batch_size)
+
+    def run_dir(self, key: str) -> str:
+        return self.base if key == "base" else os.path.join(self.root, key)
+
+    def scorer(self, key: str) -> Scorer:
+        return self.countdown if key.startswith("countdown/") else self.digits
+
+    def done(self, key: str) -> bool:
+        return all(os.path.exists(f) for f in self.scorer(key).files(self.run_dir(key)))
+
+    def train(self, key: str) -> None:
+        from rl.loop import grpo
+        from train.loop import pretrain
+
+        exp, zero, rep = self.exp, self.zero, dataclasses.replace
+        if key in ("base", "student_base", "countdown/base"):
+            cfg = {"base": zero, "student_base": self.student, "countdown/base": self.cd}[key]
+            return shared_base(cfg, self.run_dir(key))
+        if key.startswith("countdown/r1_zero/"):
+            return grpo(rep(self.cd, seed=int(key.rsplit("seed", 1)[1]), run_dir=self.run_dir(key),
+                            init_from=self.run_dir("countdown/base")))
+        stage, s = key.split("/seed")
+        s = int(s)
+
+        def d(st):
+            return os.path.join(self.root, st, f"seed{s}")
+
+        def rl(init, **kw):
+            return grpo(rep(zero, name=stage, seed=s, run_dir=d(stage), init_from=init, **kw))
+
+        def sft(model, cfg, init, records):
+            return pretrain(sft_experiment(stage, model, d(stage), rep(cfg, seed=s), init_from=init, mesh=zero.mesh,
+                                           **self.run_cfg), records=records)
+
+        def traces():  # r1's verified samples: rejection_sft's data, reused by the distillation
+            return policy_traces(d("r1"), zero.task.train_records(), rep(exp.rejection, seed=s),
+                                 os.path.join(d("rejection_sft"), "traces.jsonl"), task=zero.task)
+
+        if stage == "r1_zero":
+            return rl(self.base)
+        if stage == "cold_start":
+            cold = r1.cold_start_traces(R1Experiment(rl=zero, traces=exp.cold_start_traces,
+                                                     cold_start_seed=exp.cold_start_seed))
+            return sft(zero.model, exp.cold_start, self.base, cold)
+        if stage == "r1":
+            return rl(d("cold_start"))
+        if stage == "rejection_sft":
+            return sft(zero.model, exp.rejection_sft, self.base, traces())
+        if stage == "distill_student":
+            return sft(exp.student, exp.distill, self.student_base, traces())
+        if stage == "rl_student":
+            return grpo(rep(self.student, seed=s, run_dir=d(stage), init_from=self.student_base, steps=self.rl_steps))
+        if stage == "random_reward":
+            return rl(self.base, rewards=(f"random:{self.rate():.4f}",))
+        return rl(self.base, rewards=("format",))  # format_only
+
+    def __call__(self, key: str) -> dict:
+        """Train and score one run -> its seconds {'train_s', 'eval_s'}."""
+        t0 = time.perf_counter()
+        self.train(key)
+        t1 = time.perf_counter()
+        self.scorer(key)(self.run_dir(key))
+        t2 = time.perf_counter()
+        log.info("pipeline: %s took %.0f s + %.0f s evaluation", key, t1 - t0, t2 - t1)
+        return {"train_s": t1 - t0, "eval_s": t2 - t1}
+
+
+_WORKER: dict = {}
+
+
+def run_job(fields: dict, key: str, cache_dir: str) -> dict:
+    """One run in a worker process (spawned: it rebuilds the config from its fields, importable by name)."""
+    if "stages" not in _WORKER:
+        from experiments.run import setup_logging
+
+        if not logging.getLogger().handlers:
+            setup_logging(False)
+        compile_cache("", cache_dir)
+        _WORKER["stages"] = _Stages(PipelineExperiment(**fields))
+    return _WORKER["stages"](key)
+
+
+class _InProcess:
+    """`workers` <= 1: the same schedule, each run in this process when submitted."""
+
+    def __init__(self, stages: _Stages):
+        self.stages = stages
+
+    def submit(self, fn, fields, key, cache_dir):
+        from concurrent.futures import Future
+
+        f = Future()
+        try:
+            f.set_result(self.stages(key))
+        except BaseException as e:
+            f.set_exception(e)
+        return f
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def schedule(exp: PipelineExperiment, stages: _Stages, ledger: Ledger, cache_dir: str) -> bool:
+    """Run every job of `job_graph` not done yet, `exp.workers` at a time, each once its inputs are done; a finished
+    run (its eval files exist) is skipped. -> whether anything ran. A failed run stops the pipeline (runs already
+    finished keep their results and are skipped on the next call)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    import experiments.pipeline as importable  # this file may have been loaded by path (experiments.run)
+
+    graph = job_graph(exp)
+    done = {k for k in graph if stages.done(k)}
+    for k in sorted(done):
+        log.info("pipeline: %s is done (its eval files exist); skipping", k)
+    pending = {k: deps for k, deps in graph.items() if k not in done}
+    if not pending:
+        return False
+    fields = {f.name: getattr(exp, f.name) for f in dataclasses.fields(exp)}
+    pool = (ProcessPoolExecutor(min(exp.workers, len(pending)), mp_context=multiprocessing.get_context("spawn"))
+            if exp.workers > 1 else _InProcess(stages))
+    running = {}
+    try:
+        while pending or running:
+            for k in list(pending):
+                if len(running) < max(exp.workers, 1) and all(d in done for d in pending[k]):
+                    running[pool.submit(importable.run_job, fields, k, cache_dir)] = k
+                    del pending[k]
+            if not running:
+                raise RuntimeError(f"pipeline: runs {sorted(pending)} wait on runs that cannot finish")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                k = running.pop(f)
+                ledger.record(k, f.result())
+                done.add(k)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return True
 
 
 def main(exp: PipelineExperiment) -> None:
-    from experiments.results import base_rate, write_results
-    from rl.loop import grpo
-    from train.loop import pretrain
+    from experiments.results import write_results
 
-    root, rep = exp.directory, dataclasses.replace
+    root = exp.directory
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "config.json"), "w") as fh:
         json.dump(exp.to_dict(), fh, indent=2)
-    compile_cache(root)
-    on, run = set(exp.stages), {"progress": exp.progress, "tensorboard": exp.tensorboard}
-    zero, ledger, n = rep(exp.zero, **run), Ledger(root), exp.eval.problems
-    base = exp.base_dir or os.path.join(root, "base")
-    digits = Scorer(zero, exp.eval, zero.task.splits(n), {"in_distribution": zero.grpo.sampling.max_new_tokens,
-                                                          "hard": exp.hard_max_new_tokens}, exp.eval_batch_size)
-    ledger.run("base", base, lambda: shared_base(zero, base), digits)
-
-    student_base = os.path.join(root, "student_base")
-    student = rep(zero, name="rl_student", model=exp.student,
-                  base=rep(zero.base, name="student_base", steps=exp.student_base_steps or zero.base.steps))
-    if on & {"distill_student", "rl_student"}:
-        ledger.run("student_base", student_base, lambda: shared_base(student, student_base), digits)
-    rate = exp.random_rate if exp.random_rate >= 0 else base_rate(base)
-    rl_steps = exp.rl_student_steps or matched_rl_steps(exp.distill, student)
-    cold_records = r1.cold_start_traces(R1Experiment(rl=zero, traces=exp.cold_start_traces,
-                                                     cold_start_seed=exp.cold_start_seed))
-    train_records = zero.task.train_records()
-
-    for s in exp.seeds:
-        def d(stage, s=s):
-            return os.path.join(root, stage, f"seed{s}")
-
-        def rl(stage, init, s=s, **kw):
-            return rep(zero, name=stage, seed=s, run_dir=d(stage), init_from=init, **kw)
-
-        def sft(stage, model, cfg, init, records, s=s):
-            return pretrain(sft_experiment(stage, model, d(stage), rep(cfg, seed=s), init_from=init, mesh=zero.mesh,
-                                           **run), records=records())
-
-        def traces(s=s):  # r1's verified samples: rejection_sft's data, reused by the distillation
-            return policy_traces(d("r1"), train_records, rep(exp.rejection, seed=s),
-                                 os.path.join(d("rejection_sft"), "traces.jsonl"), task=zero.task)
-
-        jobs = {
-            "r1_zero": lambda: grpo(rl("r1_zero", base)),
-            "cold_start": lambda: sft("cold_start", zero.model, exp.cold_start, base, lambda: cold_records),
-            "r1": lambda: grpo(rl("r1", d("cold_start"))),
-            "rejection_sft": lambda: sft("rejection_sft", zero.model, exp.rejection_sft, base, traces),
-            "distill_student": lambda: sft("distill_student", exp.student, exp.distill, student_base, traces),
-            "rl_student": lambda: grpo(rep(student, seed=s, run_dir=d("rl_student"), init_from=student_base,
-                                           steps=rl_steps)),
-            "random_reward": lambda: grpo(rl("random_reward", base, rewards=(f"random:{rate:.4f}",))),
-            "format_only": lambda: grpo(rl("format_only", base, rewards=("format",))),
-        }
-        for stage in SEEDED:
-            if stage in on:
-                ledger.run(f"{stage}/seed{s}", d(stage), jobs[stage], digits)
-
-    if "countdown" in on:
-        cd, cd_root = rep(exp.countdown, **run), os.path.join(root, "countdown")
-        score = Scorer(cd, exp.eval, {"countdown": cd.task.held_out(n)},
-                       {"countdown": cd.grpo.sampling.max_new_tokens}, exp.eval_batch_size)
-        cd_base = os.path.join(cd_root, "base")
-        ledger.run("countdown/base", cd_base, lambda: shared_base(cd, cd_base), score)
-        for s in exp.seeds:
-            run_dir = os.path.join(cd_root, "r1_zero", f"seed{s}")
-            ledger.run(f"countdown/r1_zero/seed{s}", run_dir,
-                       lambda s=s, run_dir=run_dir: grpo(rep(cd, seed=s, run_dir=run_dir, init_from=cd_base)), score)
-    print(f"pipeline: results in {write_results(root, exp, base, rate=rate, rl_student_steps=rl_steps)}")
+    cache_dir = compile_cache(root)
+    stages, ledger, t0 = _Stages(exp), Ledger(root), time.perf_counter()
+    if schedule(exp, stages, ledger, cache_dir):
+        ledger.record("pipeline_wall_s", {"wall_s": time.perf_counter() - t0})
+    md = write_results(root, exp, stages.base, rate=stages.rate(), rl_student_steps=stages.rl_steps)
+    print(f"pipeline: results in {md}")

@@ -95,7 +95,9 @@ def collect(root: str, seeds, splits, base_dir: str = "") -> dict:
                         entry[split]["wall_s"] = float(np.mean(walls))
                         if not countdown:
                             entry["wall_s"] = float(np.mean(walls))
-    total = sum(t["train_s"] + t["eval_s"] for t in times.values())
+    runs = [t for t in times.values() if "train_s" in t]
+    # the pipeline's own clock when it recorded one (its runs may overlap in parallel workers), else the runs' sum
+    total = times.get("pipeline_wall_s", {}).get("wall_s") or sum(t["train_s"] + t["eval_s"] for t in runs)
     return {"stages": stages, "wall_s_total": total}
 
 

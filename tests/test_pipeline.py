@@ -166,7 +166,7 @@ TINY_PIPELINE = [  # every stage a few steps; one MLA + MoE + MTP layer (compile
     "student_base_steps=2", "eval.problems=4", "eval.k=2", "hard_max_new_tokens=24", "seeds=(0, 1)",
     "countdown.model.n_layers=1", "countdown.model.moe.first_k_dense=0", "countdown.steps=2",
     "countdown.grpo.prompts_per_step=2", "countdown.grpo.num_generations=4", "countdown.base.steps=2",
-    "progress=false", "tensorboard=false",
+    "progress=false", "tensorboard=false", "workers=1",  # in-process: the test patches verified_traces
 ]
 SCHEMA = ("pass@1", "pass@1_std", "pass@k", "maj@k", "response_len_mean", "think_usage")
 
@@ -242,3 +242,36 @@ def test_pipeline_end_to_end_tiny(tmp_path, monkeypatch, xla_cache):
     times = (root / "timings.json").read_text()
     pipeline.main(exp)
     assert (root / "timings.json").read_text() == times
+    # two runs redone at once in spawned worker processes reproduce the in-process results exactly
+    import shutil
+    redo = ("format_only/seed1", "random_reward/seed1")
+
+    def scores(k):  # an eval file without its timings
+        m = json.loads((root / k / "eval_in_distribution.json").read_text())
+        return {key: v for key, v in m.items() if not key.endswith("_s")}  # seconds, tokens per second
+
+    before = {k: scores(k) for k in redo}
+    for k in redo:
+        shutil.rmtree(root / k)
+    pipeline.main(dataclasses.replace(exp, workers=2))
+    for k in redo:
+        assert scores(k) == before[k], k
+    after = json.loads((root / "timings.json").read_text())
+    assert after["pipeline_wall_s"]["wall_s"] > 0 and json.loads((root / "results.json").read_text())["wall_s_total"] \
+        == pytest.approx(after["pipeline_wall_s"]["wall_s"])
+
+
+def test_job_graph_orders_runs_after_their_inputs():
+    from experiments import pipeline
+    from experiments.overrides import apply_overrides
+
+    g = pipeline.job_graph(apply_overrides(pipeline.config(), ["seeds=(0, 1)"]))
+    assert len(g) == 3 + 2 * (len(pipeline.SEEDED) + 1)  # three bases; every seeded stage and Countdown per seed
+    assert g["r1/seed1"] == ("cold_start/seed1",) and g["countdown/r1_zero/seed0"] == ("countdown/base",)
+    assert g["distill_student/seed0"] == ("r1/seed0", "rejection_sft/seed0", "student_base")
+    keys = list(g)
+    assert all(keys.index(d) < keys.index(k) for k, deps in g.items() for d in deps)
+    small = pipeline.job_graph(apply_overrides(pipeline.config(), ['stages=("base","distill_student")', "seeds=(3,)"]))
+    assert small == {"base": (), "student_base": (), "distill_student/seed3": ("student_base",)}
+    with pytest.raises(ValueError, match="workers"):
+        apply_overrides(pipeline.config(), ["workers=0"])

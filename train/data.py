@@ -13,7 +13,7 @@ at segment ends where the next token starts another document, and on SFT prompt 
 Pipeline of one data shard (`num_shards`, one per process by default; a process builds only its own shards):
 
     records: random access (synthetic | memory | Arrow IPC, memory-mapped)       -- grain.MapDataset.source
-               -> shuffle(seed) per epoch (reshuffled each epoch) -> repeat(num_epochs or forever) -> [shard::num_shards]
+               -> shuffle(seed), reshuffled each epoch -> repeat(num_epochs or forever) -> [shard::num_shards]
              or streamed (jsonl | parquet; train/streaming.py): blocks (row groups / 1 MiB byte ranges), shuffled,
                repeated, [shard::num_shards], read CYCLE_LENGTH at a time -> window shuffle (shuffle_window records)
       -> tokenise: pretrain [bos] text [eos], every token but the first is a target;
@@ -224,7 +224,8 @@ def _records(cfg: DataConfig, records, shard: int, num_shards: int) -> grain.Ite
         fields = _needed_fields(cfg)
         blocks = list_blocks(files, fields)
         # fail now, naming the field, rather than inside a prefetch thread; and an empty source would spin forever
-        _check(any(read_block(b, fields) for b in blocks), "data.source", f"{cfg.source!r} gave no records ({cfg.path})")
+        _check(any(read_block(b, fields) for b in blocks), "data.source",
+               f"{cfg.source!r} gave no records ({cfg.path})")
         return stream_records(blocks, fields, shard=shard, num_shards=num_shards, shuffle=cfg.shuffle,
                               seed=cfg.seed, num_epochs=cfg.num_epochs, shuffle_window=cfg.shuffle_window)
     ds = grain.MapDataset.source(load_records(cfg, records))
