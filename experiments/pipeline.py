@@ -28,11 +28,12 @@ writes results.json, results.md, rl_curves.png and pass_by_length.png. A run who
 (delete them to redo it); an interrupted run resumes from its checkpoint. The RL stages are zero's GRPO recipe
 (zero.steps, zero.grpo.*, zero.optim.*); the SFT stages' sizes are cold_start.*, rejection_sft.*, distill.*.
 
-Measured with these defaults (2026-12-02, 2 idle cores of an Intel Xeon): 34.1 min, over the 30-minute target; the
-bases take 12.1 of it. Results and timings: docs/results/ (results.md, results.json, timings.json). A trial at
-30 minutes (eval.problems=40, zero.steps=16, student_base_steps=250, countdown.base.steps=200, ...) was stopped: the
-250-step student base was far weaker (held-out pass@1 0.125; its distillation started at CE 0.54 instead of 0.32
-from the 300-step one) and the distilled student fell to 0.15 (seed 0) from 0.51.
+Runs go `workers` at a time (default 2), each in a spawned process, started as soon as the runs it reads are done
+(`job_graph`); the results do not depend on it (each run is seeded; tests/test_pipeline.py checks workers=2 against
+in-process runs). Measured with these defaults (2026-12-02, 2 idle cores of an Intel Xeon): 26.3 min (workers=1:
+34.1 min, identical results). Results and timings: docs/results/ (results.md, results.json, timings.json). Sizing
+note: a trial with a 250-step student base (instead of 300) was far weaker (held-out pass@1 0.125) and its
+distillation fell to 0.15 from 0.51, so the student base keeps its 300 steps.
 """
 
 from __future__ import annotations
