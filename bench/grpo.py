@@ -3,7 +3,7 @@ log-probs, and the policy update.
 
     python -m bench.grpo [--iters 3] [--generations 8 --prompts 8 --new 64] [--beta 0.04] [--mu 2 --mini-batches 2]
                          [--max-prompt-len 64] [--template short|r1] [--rewards format,accuracy] [--data 1]
-                         [--off-policy-steps 1 --tis-cap 2.0]
+                         [--off-policy-steps 1 --tis-cap 2.0] [--trl]
 
 Setup: `experiments.config.RLExperiment` with model `small_qwen2(vocab_size=512)` (random weights), prompts from the
 synthetic arithmetic source through the byte tokenizer rendered with a short R1-style template (`--template r1`:
@@ -109,6 +109,8 @@ def main(argv=None):
     ap.add_argument("--rewards", default="format,accuracy")
     ap.add_argument("--off-policy-steps", type=int, default=0, help="pipelined rollouts (grpo.off_policy_steps)")
     ap.add_argument("--tis-cap", type=float, default=2.0, help="truncated importance sampling cap when pipelined")
+    ap.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer on the same iteration "
+                    "(bench/trl_grpo.py) and print the ratio")
     ap.add_argument("--data", type=int, default=1, help="mesh data axis: >1 needs "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=N (the batch is split over N CPU devices)")
     args = ap.parse_args(argv)
@@ -116,6 +118,7 @@ def main(argv=None):
 
     import rl.loop as loop
     from rl.rewards import REWARDS
+    from rl.tasks import R1_TEMPLATE
 
     exp = build(args)
     g = exp.grpo
@@ -133,7 +136,7 @@ def main(argv=None):
     state = trainer.init_state(exp.seed)
     ref = jax.tree.map(jnp.copy, state["params"]) if g.beta > 0 else None
     rng = jax.random.key(exp.seed)
-    header("bench.grpo", torch=False)
+    header("bench.grpo", torch=args.trl)
     print(f"small_qwen2 ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params), batch {algo.batch} = "
           f"{g.prompts_per_step} prompts x {g.num_generations}, prompt {exp.max_prompt_len}, {g.sampling.max_new_tokens} new "
           f"tokens, beta {g.beta}, mu {g.num_iterations}, {g.mini_batches} mini-batches, rewards {exp.rewards}, "
@@ -207,9 +210,18 @@ def main(argv=None):
     print(f"\nEach reward component alone on {len(texts)} texts (ms per batch): " +
           ", ".join(f"{name} {a * 1e3:.2f} (the last rollout's) / {b * 1e3:.2f} (well-formed synthetic gold "
                     "responses)" for name, a, b in per_reward))
+    peer = ""
+    if args.trl:
+        from bench.trl_grpo import time_trl
+        trl = time_trl(argparse.Namespace(**{**vars(args), "iters": max(args.iters, 2)}),
+                       R1_TEMPLATE if args.template == "r1" else SHORT_TEMPLATE)
+        print(f"\nTRL GRPOTrainer, the same iteration (bench/trl_grpo.py; its prompts are not truncated to "
+              f"{exp.max_prompt_len} tokens): rounds " + ", ".join(f"{r:.2f}" for r in trl["rounds"])
+              + f" s; median {trl['median']:.3f} s against our {W:.3f} s: **{trl['median'] / W:.2f}x** faster")
+        peer = f" trl_iteration_s={trl['median']:.3f} speedup_vs_trl={trl['median'] / W:.2f}"
     print(f"\ncommand: {cmd}")
     print(f"RESULT iteration_s={W:.3f} rollout_s={med['rollout']:.3f} generate_s={med['generate']:.3f} "
-          f"reward_s={med['reward']:.4f} logprobs_s={med['logprobs']:.3f} update_s={med['update']:.3f}")
+          f"reward_s={med['reward']:.4f} logprobs_s={med['logprobs']:.3f} update_s={med['update']:.3f}{peer}")
 
 
 if __name__ == "__main__":

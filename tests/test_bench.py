@@ -13,7 +13,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 MODULES = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "__init__")
-SCRIPTS = {"attention", "forward", "gpu", "grpo", "mismatch", "moe", "rollout", "scan", "train"}  # have a CLI
+SCRIPTS = {"attention", "forward", "gpu", "grpo", "mismatch", "moe", "rollout", "scan", "train", "trl_grpo"}  # have a CLI
 
 
 def result(out: str) -> dict[str, float]:
@@ -52,6 +52,20 @@ def test_forward_tiny(capsys):
     assert set(r) == {"forward_tok_s", "forward_frac_of_peak", "decode_tok_s"}, r
     assert all(math.isfinite(v) and v > 0 for v in r.values()), r
     assert "loop vs scan greedy tokens identical | 100.0%" in out  # both decoders run rl.sampler's pieces
+
+
+def test_grpo_tiny_against_trl(capsys):
+    pytest.importorskip("trl")
+    from bench import grpo
+    grpo.main(["--iters", "1", "--prompts", "4", "--generations", "2", "--new", "4", "--mu", "2",
+               "--mini-batches", "1", "--max-prompt-len", "96", "--data", "8", "--trl"])  # the tests' 8 devices
+    out = capsys.readouterr().out
+    check_header(out, "grpo")
+    assert "oneDNN" in out  # TRL's side (torch) kernel libraries are printed too
+    r = result(out)
+    assert {"iteration_s", "trl_iteration_s", "speedup_vs_trl"} <= set(r), r
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("iteration_s", "trl_iteration_s", "speedup_vs_trl")), r
+    assert r["speedup_vs_trl"] == pytest.approx(r["trl_iteration_s"] / r["iteration_s"], rel=0.01)
 
 
 def test_rollout_tiny_against_transformers(capsys):
