@@ -65,7 +65,7 @@ def test_grpo_tiny_against_trl(capsys):
     r = result(out)
     assert {"iteration_s", "trl_iteration_s", "speedup_vs_trl"} <= set(r), r
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("iteration_s", "trl_iteration_s", "speedup_vs_trl")), r
-    assert r["speedup_vs_trl"] == pytest.approx(r["trl_iteration_s"] / r["iteration_s"], rel=0.01)
+    assert r["speedup_vs_trl"] == pytest.approx(r["trl_iteration_s"] / r["iteration_s"], abs=0.01)  # 2 decimals
 
 
 def test_rollout_tiny_against_transformers(capsys):
