@@ -49,12 +49,13 @@ def hf_model(cfg: ModelConfig, train: bool = False, attn: str = "sdpa", seed: in
 class HFTrain:
     """One training step of the transformers model on a token batch [batch, seq + 1] (inputs / targets shifted by
     one, loss mask of ones): forward, masked token cross-entropy, backward, clip_grad_norm_, AdamW (decay on the
-    ≥2-d non-embedding weights, as our optimizer), at the warm-up's first learning rate."""
+    ≥2-d non-embedding weights, as our optimizer), at the warm-up's first learning rate. `autocast`: the forward
+    under torch.autocast('cpu', bfloat16) (PyTorch's mixed precision; the weights and the optimizer stay float32)."""
 
-    def __init__(self, cfg: ModelConfig, tokens: np.ndarray, optim: dict):
+    def __init__(self, cfg: ModelConfig, tokens: np.ndarray, optim: dict, autocast: bool = False):
         import torch
         torch.set_num_threads(os.cpu_count() or 1)
-        self.torch, self.clip = torch, optim["clip_norm"]
+        self.torch, self.clip, self.autocast = torch, optim["clip_norm"], autocast
         self.model = hf_model(cfg, train=True)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
         rest = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -69,7 +70,8 @@ class HFTrain:
     def step(self):
         torch = self.torch
         self.opt.zero_grad(set_to_none=True)
-        logits = self.model(input_ids=self.inputs, use_cache=False).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):  # bf16 compute, fp32 weights
+            logits = self.model(input_ids=self.inputs, use_cache=False).logits
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                 self.targets.reshape(-1), reduction="none")
         loss = (nll * self.mask.reshape(-1)).sum() / self.mask.sum().clamp(min=1.0)

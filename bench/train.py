@@ -1,6 +1,7 @@
 """Training-step throughput and MFU of `train.step.Trainer` on CPU, side by side with Hugging Face transformers.
 
     python -m bench.train [--configs small,tiny] [--batch 16 --seq 256] [--steps 7] [--warmup 2] [--no-torch]
+                          [--dtype bfloat16]
                           [--budget 75] [--max-others 0.1] [--devices 1] [--breakdown] [--profile]
 
 In one process:
@@ -44,6 +45,7 @@ if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: see bench/common.py
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -183,6 +185,9 @@ def main(argv=None):
                     help="data-parallel mesh over this many JAX devices (>1 needs "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="compute dtype over float32 parameters: ours model.compute_dtype, transformers "
+                         "torch.autocast('cpu', bfloat16); MFU stays against the float32 peak")
     ap.add_argument("--peak-n", type=int, default=2048,
                     help="matmul size of the float32 peak (figures quote 2048; smaller only for smoke tests)")
     ap.add_argument("--breakdown", action="store_true", help="time the attention core fwd+bwd alone")
@@ -217,7 +222,7 @@ def main(argv=None):
     rows, result, nan = [], {}, float("nan")
     tokens_per_step = args.batch * args.seq
     for name in names:
-        cfg = CONFIGS[name]()
+        cfg = dataclasses.replace(CONFIGS[name](), compute_dtype=args.dtype)
         fpt = flops_per_token(cfg, args.seq)
         tokens = make_tokens(cfg, args.batch, args.seq)
         t0 = time.perf_counter()
@@ -230,7 +235,7 @@ def main(argv=None):
         err = None
         if not args.no_torch:
             try:
-                theirs = HFTrain(cfg, tokens, OPTIM)
+                theirs = HFTrain(cfg, tokens, OPTIM, autocast=args.dtype == "bfloat16")
                 for _ in range(args.warmup):
                     theirs.step()
                 peers["transformers"] = theirs

@@ -13,7 +13,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 MODULES = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "__init__")
-SCRIPTS = {"attention", "forward", "gpu", "grpo", "mismatch", "moe", "rollout", "scan", "train", "trl_grpo"}  # have a CLI
+SCRIPTS = {"attention", "dtype", "forward", "gpu", "grpo", "mismatch", "moe", "rollout", "scan", "train", "trl_grpo"}  # have a CLI
 
 
 def result(out: str) -> dict[str, float]:
