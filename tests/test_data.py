@@ -482,3 +482,14 @@ def test_version_1_state_restores_as_one_shard():
     it2 = it_for(cfg)
     it2.set_state(json.loads(json.dumps(v1)))
     assert same_batches(take(it2, 3), take(it, 3)) and it2.stats["batches"] == 6
+
+
+def test_more_shards_than_blocks_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a b c"] * 10}), tmp_path / "one.parquet", row_group_size=5)  # 2 blocks
+    cfg = DataConfig(source="parquet", path=str(tmp_path / "one.parquet"), num_epochs=1, num_shards=4)
+    with pytest.raises(ValueError, match="data.num_shards: 4 shards but .* 2 blocks x 1 epochs"):
+        it_for(cfg, batch=4)
+    it_for(dataclasses.replace(cfg, num_epochs=2), batch=4)  # 4 blocks over 4 shards: fine

@@ -106,8 +106,9 @@ class DataConfig:
             Passes over the records; 0 repeats forever. With a finite count the iterator stops after the last full
             global batch.
         num_workers (`int`, *optional*, defaults to `0`):
-            grain worker processes (`mp_prefetch`). Workers each pack their own slice of the records, so the batch
-            order depends on this number: keep it fixed across a resume (the state records it).
+            grain worker processes (`mp_prefetch`) per data shard of this process. Workers each pack their own slice
+            of the records, so the batch order depends on this number: keep it fixed across a resume (the state
+            records it).
         synthetic_size (`int`, *optional*, defaults to `100000`):
             Number of records of the synthetic source (one epoch).
         num_shards (`int`, *optional*, defaults to `0`):
@@ -226,6 +227,9 @@ def _records(cfg: DataConfig, records, shard: int, num_shards: int) -> grain.Ite
         # fail now, naming the field, rather than inside a prefetch thread; and an empty source would spin forever
         _check(any(read_block(b, fields) for b in blocks), "data.source",
                f"{cfg.source!r} gave no records ({cfg.path})")
+        _check(not cfg.num_epochs or len(blocks) * cfg.num_epochs >= num_shards, "data.num_shards",
+               f"{num_shards} shards but {cfg.path} holds {len(blocks)} blocks x {cfg.num_epochs} epochs: a shard "
+               "would read nothing (fewer shards, more epochs, or smaller Parquet row groups)")
         return stream_records(blocks, fields, shard=shard, num_shards=num_shards, shuffle=cfg.shuffle,
                               seed=cfg.seed, num_epochs=cfg.num_epochs, shuffle_window=cfg.shuffle_window)
     ds = grain.MapDataset.source(load_records(cfg, records))
