@@ -50,10 +50,17 @@ def _run_two(args) -> str:
     return errs[0]
 
 
-def _run_one(args):
-    ref = subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=900, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def _start_one(args):
+    """One process with two CPU devices: the reference, started beside the two-process run (each is mostly
+    single-threaded at this size, so running them together saves wall time)."""
+    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+
+
+def _finish(p):
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, (out[-1000:], err[-3000:])
 
 
 def _lines(run_dir):
@@ -63,7 +70,7 @@ def _lines(run_dir):
 
 def test_two_processes_run_experiment_files(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    _run_one(["experiments/tiny_pretrain.py", f"run_dir={one}", *PRETRAIN, "checkpoint.every=0"])
+    ref = _start_one(["experiments/tiny_pretrain.py", f"run_dir={one}", *PRETRAIN, "checkpoint.every=0"])
 
     # two processes, checkpointing every 2 steps, killed mid-run, then resumed
     args = ["experiments/tiny_pretrain.py", f"run_dir={two}", *PRETRAIN, "checkpoint.every=2"]
@@ -77,6 +84,7 @@ def test_two_processes_run_experiment_files(tmp_path):
     for p in procs:
         p.send_signal(signal.SIGKILL)
         p.communicate()
+    _finish(ref)
     err = _run_two(args)
     assert "resumed from step" in err, err[-2000:]
     a, b = _lines(one), _lines(two)
@@ -86,8 +94,9 @@ def test_two_processes_run_experiment_files(tmp_path):
 
     rl_one, rl_two = tmp_path / "rl_one", tmp_path / "rl_two"
     grpo = ["experiments/grpo_arithmetic.py", f"init_from={two}", "model.max_seq_len=256", *GRPO]
+    ref = _start_one([*grpo, f"run_dir={rl_one}"])
     _run_two([*grpo, f"run_dir={rl_two}"])
-    _run_one([*grpo, f"run_dir={rl_one}"])
+    _finish(ref)
     rows, ref = _lines(rl_two), _lines(rl_one)
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     for key in ("loss", "reward"):
