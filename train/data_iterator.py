@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from train.data import STATE_VERSION, DataConfig, _check, _is_int, build_dataset, load_records
+from train.data import STATE_VERSION, DataConfig, _check, _is_int, build_dataset
 from train.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -62,8 +62,6 @@ class DataIterator:
         self.process_index, self.process_count, self.num_shards = process_index, process_count, n
         local = n // process_count
         self.shards = tuple(range(process_index * local, (process_index + 1) * local))
-        if cfg.source == "memory":
-            records = load_records(cfg, records)  # validated once, shared by the local shards
         self._its = [iter(build_dataset(cfg, batch_size // n, tokenizer, records, s, n)) for s in self.shards]
         # Close prefetch threads / worker processes before interpreter teardown (grain's __del__ is noisy then).
         self._finalizer = weakref.finalize(self, _close_iterators, self._its)
