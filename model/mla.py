@@ -17,7 +17,7 @@ from flax import nnx
 
 from model.attention import MASKED, self_attention, write_cache
 from model.config import ModelConfig
-from model.layers import KeyGen, RMSNorm, dtype_of, param
+from model.layers import KeyGen, RMSNorm, dtype_of, linear, param
 from model.rope import apply_rope
 
 
@@ -45,7 +45,7 @@ class MLA(nnx.Module):
         if m.q_lora_rank is None:
             q = jnp.einsum("btd,dhk->bhtk", x, self.q_proj[...].astype(x.dtype))
         else:
-            c = self.q_a_layernorm(x @ self.q_a_proj[...].astype(x.dtype))
+            c = self.q_a_layernorm(linear(x, self.q_a_proj[...].astype(x.dtype)))
             q = jnp.einsum("btc,chk->bhtk", c, self.q_b_proj[...].astype(x.dtype))
         q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
         return q_nope, apply_rope(q_rope, cos, sin)
@@ -55,7 +55,7 @@ class MLA(nnx.Module):
         cfg, m = self.cfg, self.cfg.mla
         cos, sin = rope
         q_nope, q_rope = self._queries(x, cos, sin)
-        kv = x @ self.kv_a_proj[...].astype(x.dtype)
+        kv = linear(x, self.kv_a_proj[...].astype(x.dtype))
         latent = self.kv_a_layernorm(kv[..., : m.kv_lora_rank])  # [b, t, kv_lora]
         k_rope = apply_rope(kv[..., m.kv_lora_rank:], cos, sin)  # [b, t, rope]
         if cache is not None:

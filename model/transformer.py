@@ -29,7 +29,7 @@ from flax import nnx
 
 from model.attention import Attention, attention_mask
 from model.config import ModelConfig
-from model.layers import MLP, Dense, Embed, KeyGen, RMSNorm, dtype_of
+from model.layers import MLP, Dense, Embed, KeyGen, RMSNorm, dtype_of, linear
 from model.mla import MLA
 from model.moe import MoE, RouterBias, bias_update
 from model.rope import rope_tables
@@ -114,7 +114,7 @@ class Transformer(nnx.Module):
         bf16 logits would round every logit to 8 bits of mantissa (±0.06 at |logit| 16) before the softmax.
         """
         w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.matmul(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return linear(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions, segment_ids, cache, with_mtp, routing=None, last_only=False):
         cfg = self.cfg
