@@ -1,6 +1,10 @@
 """DeepSeek-V3-style and Llama/Qwen decoders as pure functions of a parameter pytree."""
 
-from model.budget import count_params, flops_per_token
+from model.host_memory import keep_freed_host_memory
+
+keep_freed_host_memory()  # before jax starts its CPU threads: see model/host_memory.py
+
+from model.budget import count_params, flops_per_token  # noqa: E402 (after the malloc settings)
 from model.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from model.transformer import (abstract_params, forward, graphdef, init_cache, init_params, router_biases,
                                update_router_bias)

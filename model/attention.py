@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ConfigError, ModelConfig
-from model.layers import KeyGen, RMSNorm, dtype_of, param, zeros
+from model.layers import KeyGen, RMSNorm, dtype_of, merge_heads, param, project_heads, zeros
 from model.rope import apply_rope
 
 MASKED = -1e30  # finite, so a fully masked row (a pad query) gives a uniform, not a NaN, distribution
@@ -139,7 +139,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, cfg.norm_eps, dt, "head_dim")
 
     def _proj(self, x, w, bias_name):
-        y = jnp.einsum("btd,dhk->bhtk", x, w[...].astype(x.dtype))
+        y = project_heads(x, w[...].astype(x.dtype))
         if self.cfg.qkv_bias:
             y = y + getattr(self, bias_name)[...].astype(x.dtype)[None, :, None, :]
         return y
@@ -159,7 +159,7 @@ class Attention(nnx.Module):
             cache = {"k": write_cache(cache["k"], k, index, 2), "v": write_cache(cache["v"], v, index, 2)}
             k, v = cache["k"].astype(x.dtype), cache["v"].astype(x.dtype)
         o = self_attention(q, k, v, mask_info, cfg.attn_scale, cfg)
-        y = jnp.einsum("bhtk,hkd->btd", o, self.o_proj[...].astype(x.dtype))
+        y = merge_heads(o, self.o_proj[...].astype(x.dtype))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(x.dtype)
         return y, cache

@@ -17,7 +17,7 @@ from flax import nnx
 
 from model.attention import MASKED, self_attention, write_cache
 from model.config import ModelConfig
-from model.layers import KeyGen, RMSNorm, dtype_of, linear, param
+from model.layers import KeyGen, RMSNorm, dtype_of, linear, merge_heads, param, project_heads
 from model.rope import apply_rope
 
 
@@ -43,10 +43,10 @@ class MLA(nnx.Module):
         """-> q_nope [b, h, t, nope], q_rope [b, h, t, rope]."""
         m = self.cfg.mla
         if m.q_lora_rank is None:
-            q = jnp.einsum("btd,dhk->bhtk", x, self.q_proj[...].astype(x.dtype))
+            q = project_heads(x, self.q_proj[...].astype(x.dtype))
         else:
             c = self.q_a_layernorm(linear(x, self.q_a_proj[...].astype(x.dtype)))
-            q = jnp.einsum("btc,chk->bhtk", c, self.q_b_proj[...].astype(x.dtype))
+            q = project_heads(c, self.q_b_proj[...].astype(x.dtype))
         q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
         return q_nope, apply_rope(q_rope, cos, sin)
 
@@ -69,13 +69,12 @@ class MLA(nnx.Module):
         if cache is not None and m.decode_impl == "absorb":
             o = self._absorbed(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
         else:
-            k_nope = jnp.einsum("bsc,chk->bhsk", latent, w_uk)
-            v = jnp.einsum("bsc,chk->bhsk", latent, w_uv)
+            k_nope, v = project_heads(latent, w_uk), project_heads(latent, w_uv)
             k_r = jnp.broadcast_to(k_rope[:, None], k_nope.shape[:3] + (m.qk_rope_head_dim,))
             q = jnp.concatenate([q_nope, q_rope], axis=-1)
             k = jnp.concatenate([k_nope, k_r], axis=-1)
             o = self_attention(q, k, v, mask_info, cfg.attn_scale, cfg)
-        y = jnp.einsum("bhtk,hkd->btd", o, self.o_proj[...].astype(x.dtype))
+        y = merge_heads(o, self.o_proj[...].astype(x.dtype))
         return y, cache
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask):
