@@ -94,3 +94,27 @@ def test_filters():
     assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
     with pytest.raises(ValueError, match="temperature"):
         generate(CFGS["qwen2"], None, np.zeros((1, 2), np.int32), np.ones(1, np.int32), 2, temperature=0.0)
+
+
+def test_draws_equal_jax_categorical_and_argmax():
+    """sample_token's Gumbel-max with first_argmax draws exactly jax.random.categorical's tokens (same key), and
+    first_argmax is jnp.argmax, ties and -inf included."""
+    from rl.sampler import first_argmax, sample_token
+    logits = jax.random.normal(jax.random.key(0), (64, 97)) * 3
+    logits = logits.at[0, 5].set(-jnp.inf).at[1, :].set(0.0).at[2, 7].set(9.0).at[2, 40].set(9.0)
+    np.testing.assert_array_equal(first_argmax(logits), jnp.argmax(logits, axis=-1))
+    assert first_argmax(logits).dtype == jnp.int32
+    for i in range(5):
+        key = jax.random.key(i)
+        tok, lp, _, lp_kept = sample_token(logits, key, temperature=0.7, top_k=0, top_p=1.0, greedy=False,
+                                           vocab_limit=None)
+        np.testing.assert_array_equal(tok, jax.random.categorical(key, logits / 0.7, axis=-1))
+        np.testing.assert_allclose(lp, jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), tok[:, None], 1)[:, 0],
+                                   rtol=1e-6)
+        np.testing.assert_array_equal(lp_kept, lp)
+        tok_k, _, _, lp_k = sample_token(logits, key, temperature=0.7, top_k=5, top_p=1.0, greedy=False,
+                                         vocab_limit=None)
+        kept = filter_logits(logits / 0.7, 5, 1.0)
+        np.testing.assert_array_equal(tok_k, jax.random.categorical(key, kept, axis=-1))
+        np.testing.assert_allclose(lp_k, jnp.take_along_axis(jax.nn.log_softmax(kept), tok_k[:, None], 1)[:, 0],
+                                   rtol=1e-6)
