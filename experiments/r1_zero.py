@@ -1,6 +1,6 @@
 """R1-Zero at laptop scale: pretrain a tiny DeepSeek-V3-style base, then GRPO with rule rewards only.
 
-    python -m experiments.run experiments/r1_zero.py run_dir=runs/r1_zero [base.steps=400 eval.k=8 steps=60]
+    python -m experiments.run experiments/r1_zero.py run_dir=runs/r1_zero [base.steps=600 eval.k=8 steps=60]
 
 Task: digit chains (rl/tasks/digit_chain.py), a worksheet of signed steps summed mod 10, 2-6 terms:
 "3 +1=? -2=? +2=?  (mod 10)". Base (`base`, run_dir/base, reused when finished): a tiny DeepSeek-V3-style model
@@ -36,13 +36,17 @@ def config() -> RLExperiment:
     # 2026-12-02 with the same seed: dense reproduces the documented base (final CE 0.153, held-out pass@1 0.32)
     # bit for bit; dropless reached CE 0.261 and pass@1 0.13, and RL from it stalled (0.17). At 16 experts,
     # top-4, dense also samples faster on CPU (1.0 s vs 1.5 s for 128 x 40 tokens).
+    # The base's 600 steps: its cross-entropy drops from ~0.45 to ~0.2 in a late transition (the steps of the
+    # worksheet learnt) whose timing moves with summation order. At 400 steps the transition came at ~250 with the
+    # 3-D matmuls and not at all with the flat ones (model.layers.linear; CE 0.45, held-out pass@1 0.11, RL stalled
+    # at 0.11); with 600 steps (a longer cosine) it came at 300-400 for seeds 0 and 1 and RL reached 0.92 / 1.00.
     model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, impl="dense"))
     return RLExperiment(
         name="r1_zero",
         model=model,
         task=TASK,
         base=Experiment(
-            name="r1_zero_base", model=model, steps=400, batch_size=16,
+            name="r1_zero_base", model=model, steps=600, batch_size=16,
             data=DataConfig(kind="sft", source="memory", tokenizer="byte", seq_len=256, seed=TASK.corpus_seed,
                             chat_template=TASK.template),
             mesh=MeshConfig(data=-1), optim=OptimConfig(lr=3e-3, warmup_steps=20, schedule="cosine",
