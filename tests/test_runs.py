@@ -56,7 +56,9 @@ def test_resume_is_bitwise_identical(uninterrupted, tmp_path):
 def test_sigkill_then_resume(uninterrupted, tmp_path):
     d = str(tmp_path)
     cmd = [sys.executable, "-m", "experiments.run", TINY, *SMALL, f"run_dir={d}", "steps=8", "checkpoint.every=2"]
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    # the resumed process reuses the killed one's compiled programs (CI time; the same executables, same numbers)
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = os.path.join(d, "metrics.jsonl")
     deadline = time.time() + 300
