@@ -5,7 +5,8 @@ small_qwen2's SwiGLU fwd+bwd on a [4096, 256] batch; hundreds of MiB for a train
 glibc serves requests above 32 MiB with a fresh `mmap` and hands them back with `munmap`, and XLA's worker
 threads allocate from per-thread arenas that do the same for anything larger than their 64 MiB heaps, so each
 call page-faults its whole scratch buffer in again: 19,000 minor faults and 28 ms of kernel time per call of
-that MLP (72 ms -> 54 ms without them, on an Intel Xeon, 2 cores; docs/benchmarks.md). PyTorch avoids this with its caching allocator; MaxText on TPU VMs preloads tcmalloc.
+that MLP (72 ms -> 54 ms without them, on an Intel Xeon, 2 cores; docs/benchmarks.md). PyTorch avoids this
+with its caching allocator; MaxText on TPU VMs preloads tcmalloc.
 
 `keep_freed_host_memory()` makes glibc keep freed memory for reuse: one arena (`M_ARENA_MAX=1`, so XLA's
 threads share the main heap), no `mmap` for large blocks (`M_MMAP_MAX=0`; glibc still falls back to `mmap`

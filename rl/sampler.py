@@ -114,8 +114,8 @@ def sample_token(last, key, *, temperature: float, top_k: int, top_p: float, gre
         tok = first_argmax(kept + jax.random.gumbel(key, kept.shape, kept.dtype))
     tok = tok[:, None]
     lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok, axis=-1)[:, 0]
-    unfiltered = not top_k and top_p >= 1.0 and (vocab_limit is None or vocab_limit >= last.shape[-1])
-    lp_kept = lp if unfiltered else jnp.take_along_axis(jax.nn.log_softmax(kept, axis=-1), tok, axis=-1)[:, 0]
+    # filter_logits hands back its input when no filter applies: then the kept-token log-prob is lp itself
+    lp_kept = lp if kept is scaled else jnp.take_along_axis(jax.nn.log_softmax(kept, axis=-1), tok, axis=-1)[:, 0]
     floor = jnp.min(jnp.where(jnp.isfinite(kept), kept, jnp.inf), axis=-1)
     floor = jnp.where(top_k or top_p < 1.0, floor, -jnp.inf)  # a vocab limit alone is applied by id, not value
     return tok[:, 0], lp, floor, lp_kept
