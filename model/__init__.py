@@ -2,7 +2,7 @@
 
 from model.host_memory import keep_freed_host_memory
 
-keep_freed_host_memory()  # only with R1JAX_HOST_MALLOC=keep, before jax starts its threads: model/host_memory.py
+keep_freed_host_memory()  # XLA:CPU scratch kept between calls (off: R1JAX_HOST_MALLOC=off): model/host_memory.py
 
 from model.budget import count_params, flops_per_token  # noqa: E402 (after the malloc settings)
 from model.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
