@@ -272,6 +272,22 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
     return {"index": jnp.zeros((), jnp.int32), "pos": jnp.full((batch, max_len), -1, jnp.int32), "layers": layers}
 
 
+def grow_cache(cfg: ModelConfig, cache, max_len: int):
+    """`cache` (from `init_cache(cfg, batch, n)`, possibly filled) with room for `max_len` slots: each buffer
+    zero-padded along its slot axis, `pos` with -1 (empty), `index` kept. Lets a prefill attend over its prompt's
+    slots only; the decode loop then writes into the grown cache."""
+    b, n = cache["pos"].shape
+    if max_len < n:
+        raise ValueError(f"grow_cache: max_len {max_len} is below the cache's {n} slots")
+    target = jax.eval_shape(lambda: init_cache(cfg, b, max_len))
+
+    def pad(x, want, fill=0):
+        return jnp.pad(x, [(0, w - s) for s, w in zip(x.shape, want.shape)], constant_values=fill)
+
+    return {"index": cache["index"], "pos": pad(cache["pos"], target["pos"], -1),
+            "layers": jax.tree.map(pad, cache["layers"], target["layers"])}
+
+
 def router_biases(params: nnx.State) -> list:
     """The RouterBias variables in the order of aux['expert_load'] (layers, then MTP modules); with scan_layers
     the MoE stack's is one variable [n_moe_layers, E] covering that many rows."""

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import forward, init_cache
+from model import forward, grow_cache, init_cache
 from model.config import ModelConfig
 from sharding.rules import use_rules
 
@@ -81,13 +81,15 @@ def _ends_with(history, i, seq):
 
 
 def prefill(cfg, params, prompts, prompt_lens, max_new_tokens: int, with_aux: bool = False):
-    """Left-align right-padded prompts int32 [batch, P], run one forward over them into a fresh cache sized for
-    P + max_new_tokens. Returns (float32 logits of the last position [batch, vocab], cache) (and the forward's
+    """Left-align right-padded prompts int32 [batch, P], run one forward over them into a fresh P-slot cache and
+    grow it to P + max_new_tokens slots (`model.grow_cache`). Returns (float32 logits of the last position [batch, vocab], cache) (and the forward's
     aux with `with_aux`)."""
     b, p = prompts.shape
     tokens, positions = left_align(prompts, prompt_lens)
-    cache = init_cache(cfg, b, p + max_new_tokens)
-    logits, cache, aux = forward(cfg, params, tokens, positions, cache, with_mtp=False, last_only=True)
+    # the prompt attends over its own P slots (not the whole cache); the cache then grows for the decode loop
+    logits, cache, aux = forward(cfg, params, tokens, positions, init_cache(cfg, b, p), with_mtp=False,
+                                 last_only=True)
+    cache = grow_cache(cfg, cache, p + max_new_tokens)
     return (logits[:, -1].astype(jnp.float32), cache) + ((aux,) if with_aux else ())
 
 

@@ -99,13 +99,17 @@ def _full(cfg, params, tokens, positions=None, **kw):
     return np.asarray(logits)
 
 
-def _decode(cfg, params, tokens, prefill, max_len=16, positions=None):
-    """Prefill tokens[:, :prefill] then feed one token at a time; returns logits [b, t, vocab] (numpy)."""
+def _decode(cfg, params, tokens, prefill, max_len=16, positions=None, grow=False):
+    """Prefill tokens[:, :prefill] then feed one token at a time; returns logits [b, t, vocab] (numpy).
+    grow: prefill into a cache of `prefill` slots, then `model.grow_cache` it to max_len (as rl.sampler does)."""
     b, t = tokens.shape
     if positions is None:
         positions = _arange_pos(b, t)
-    cache = model.init_cache(cfg, b, max_len)
+    cache = model.init_cache(cfg, b, prefill if grow else max_len)
     logits, cache, _ = fwd(cfg, params, tokens[:, :prefill], positions[:, :prefill], cache=cache)
+    if grow:
+        cache = model.grow_cache(cfg, cache, max_len)
+        assert jax.tree.map(jnp.shape, cache) == jax.tree.map(jnp.shape, model.init_cache(cfg, b, max_len))
     out = [np.asarray(logits)]
     for i in range(prefill, t):
         logits, cache, _ = fwd(cfg, params, tokens[:, i:i + 1], positions[:, i:i + 1], cache=cache)
@@ -129,6 +133,7 @@ def test_kv_cache_decode_matches_full_forward(name, params_of):
     assert full.shape == (B, T, cfg.vocab_size) and np.isfinite(full).all()
     dec = _decode(cfg, params, tokens, PREFILL)
     assert np.max(np.abs(dec - full)) <= TOL
+    assert np.max(np.abs(_decode(cfg, params, tokens, PREFILL, grow=True) - full)) <= TOL
 
     # The tolerance is meaningful: changing the first token moves the last position's logits by far more.
     other = tokens.at[:, 0].set((tokens[:, 0] + 1) % cfg.vocab_size)
