@@ -113,7 +113,8 @@ def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokeni
 @dataclass
 class PendingRollout:
     """Sampling dispatched to the devices and not yet waited for (JAX dispatches asynchronously): `finish_rollout`
-    blocks on it. Lets the GRPO loop sample step k+1 while step k trains (grpo.off_policy_steps)."""
+    blocks on it. Lets the GRPO loop sample step k+1 while step k trains (grpo.off_policy_steps). On one CPU
+    device dispatch is synchronous (model/host_memory.py), so the sampling has already run when this returns."""
 
     outs: list  # per generate call: a SampleOutput of device arrays
     takes: list[int]
