@@ -46,3 +46,13 @@ def test_scratch_buffer_is_reused_between_calls():
     # under 100 faults).
     assert min(faults_default) > 16_000, faults_default
     assert sum(n < 1_000 for n in faults) >= 5, faults
+
+
+def test_not_applied_once_jax_backends_exist():
+    """The dispatch setting only takes effect before jax creates its CPU client: after that, nothing is changed."""
+    code = ("import jax; jax.devices(); import model; from model.host_memory import keep_freed_host_memory; "
+            "print(keep_freed_host_memory(), jax.config.read('jax_cpu_enable_async_dispatch'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("R1JAX_HOST_MALLOC", "JAX_CPU_ENABLE_ASYNC_DISPATCH")}
+    out = subprocess.run([sys.executable, "-c", code], env=env | {"XLA_FLAGS": ""}, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["False", "True"], out
