@@ -82,8 +82,8 @@ def _ends_with(history, i, seq):
 
 def prefill(cfg, params, prompts, prompt_lens, max_new_tokens: int, with_aux: bool = False):
     """Left-align right-padded prompts int32 [batch, P], run one forward over them into a fresh P-slot cache and
-    grow it to P + max_new_tokens slots (`model.grow_cache`). Returns (float32 logits of the last position [batch, vocab], cache) (and the forward's
-    aux with `with_aux`)."""
+    grow it to P + max_new_tokens slots (`model.grow_cache`). Returns (float32 logits of the last position
+    [batch, vocab], cache) (and the forward's aux with `with_aux`)."""
     b, p = prompts.shape
     tokens, positions = left_align(prompts, prompt_lens)
     # the prompt attends over its own P slots (not the whole cache); the cache then grows for the decode loop
