@@ -13,6 +13,8 @@ import numpy as np
 
 from model.config import RopeConfig, yarn_mscale
 
+_TABLE_ROWS_X_DIM = 1 << 20  # up to 4 MiB per float32 table as a program constant (e.g. 16K positions x 64 dims)
+
 
 def inv_frequencies(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
     """Returns (inv_freq [dim // 2] float32, attention_factor applied to cos and sin)."""
@@ -56,14 +58,29 @@ def inv_frequencies(rope: RopeConfig, dim: int, max_position_embeddings: int) ->
     return inv.astype(np.float32), float(factor)
 
 
-def rope_tables(rope: RopeConfig, dim: int, max_pos: int, positions):
+def rope_tables(rope: RopeConfig, dim: int, max_pos: int, positions, min_rows: int = 0):
     """cos, sin for integer positions [batch, seq] -> each [batch, seq, dim] float32 (halves repeated).
 
     max_pos is the run's context (ModelConfig.max_seq_len): YaRN applies only beyond the original context
     (`RopeConfig.active`, as the reference DeepSeek-V3); `inv_frequencies` itself always scales, as HF does.
+
+    For rows = max(max_pos, seq, min_rows) (the caller passes a KV cache's slot count as min_rows) up to
+    `_TABLE_ROWS_X_DIM` elements, the tables are computed once here, in numpy, for positions 0..rows-1 and
+    gathered by position: negative positions (padding) read row 0, positions >= rows (beyond any context the
+    model or its cache has) give NaN rather than a silently wrong rotation. Computing cos/sin inside the program instead let XLA:CPU fuse
+    the two transcendentals into each consumer, recomputing them per head in every layer's RoPE and its
+    backward (48 fused cos/sin over [batch, heads, seq, head_dim] per small_qwen2 train step): the tables make
+    that step 5-7 % faster (docs/benchmarks.md). Longer contexts compute them in the program.
     """
     rope = rope.active(max_pos)
     inv, factor = inv_frequencies(rope, dim, max_pos)
+    rows = max(int(max_pos), int(positions.shape[-1]), int(min_rows))
+    if rows * dim <= _TABLE_ROWS_X_DIM:
+        angles = np.arange(rows, dtype=np.float32)[:, None] * inv  # the float32 angle, as computed below and by HF
+        angles = np.concatenate([angles, angles], axis=-1).astype(np.float64)
+        cos, sin = ((f(angles) * factor).astype(np.float32) for f in (np.cos, np.sin))
+        index = jnp.maximum(positions, 0)
+        return tuple(jnp.take(t, index, axis=0, mode="fill", fill_value=np.nan) for t in (cos, sin))
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor

@@ -134,7 +134,8 @@ class Transformer(nnx.Module):
             kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions.astype(jnp.int32), (0, index))
             mask = attention_mask(positions, kv_pos)
         mask_info = {"mask": mask, "index": index, "segment_ids": segment_ids}
-        rope = rope_tables(cfg.rope, cfg.rope_dim, cfg.max_seq_len, positions)
+        rope = rope_tables(cfg.rope, cfg.rope_dim, cfg.max_seq_len, positions,
+                           min_rows=0 if cache is None else cache["pos"].shape[1])
 
         def run(layer, x, layer_cache, replay=None):
             return layer(x, rope, mask_info, layer_cache, replay)

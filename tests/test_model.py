@@ -618,3 +618,23 @@ def test_config_from_dict_roundtrip_and_fields_added_later():
     del old["scan_layers"], old["moe"]["impl"]
     old["some_future_field"] = 1
     assert config_from_dict(old) == tiny_deepseek()
+
+
+@pytest.mark.parametrize("case", ["default", "yarn_deepseek"])
+def test_rope_table_equals_the_in_program_tables(case, monkeypatch):
+    """The precomputed tables `rope_tables` gathers by position (short contexts) give the cos/sin the program
+    computes itself (long contexts), to float32 rounding; padding (-1) reads position 0."""
+    import model.rope as rope_mod
+    rope, dim, _ = ROPE_CASES[case]
+    pos = jnp.asarray([[-1, 0, 1, 2, 100, 255], [5, 4, 3, 2, 1, 0]], jnp.int32)
+    table = rope_mod.rope_tables(rope, dim, 256, pos)
+    monkeypatch.setattr(rope_mod, "_TABLE_ROWS_X_DIM", 0)
+    program = rope_mod.rope_tables(rope, dim, 256, jnp.maximum(pos, 0))
+    for a, b in zip(table, program):
+        assert a.shape == b.shape == (2, 6, dim) and a.dtype == b.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-6)
+    monkeypatch.undo()
+    # a position beyond every context (model 256, sequence 2, cache 300 slots) is NaN, not a wrong rotation
+    far = jnp.asarray([[299, 300]], jnp.int32)
+    cos = np.asarray(rope_mod.rope_tables(rope, dim, 256, far, min_rows=300)[0])
+    assert np.isfinite(cos[0, 0]).all() and np.isnan(cos[0, 1]).all()
