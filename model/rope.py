@@ -86,10 +86,11 @@ def rope_tables(rope: RopeConfig, dim: int, max_pos: int, positions, min_rows: i
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
-def apply_rope(x, cos, sin):
-    """x: [batch, heads, seq, dim] (or [batch, seq, dim]); cos/sin: [batch, seq, dim]."""
+def apply_rope(x, cos, sin, heads_axis: int = 1):
+    """x: [batch, heads, seq, dim], [batch, seq, heads, dim] with heads_axis=2, or [batch, seq, dim];
+    cos/sin: [batch, seq, dim]."""
     if x.ndim == 4:
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = jnp.expand_dims(cos, heads_axis), jnp.expand_dims(sin, heads_axis)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
