@@ -8,7 +8,8 @@
 Prompts arrive right-padded with their lengths; they are shifted to the right edge (left padding, pad
 slots at position -1, which attention never sees), so every row writes its next token into the same cache
 slot. Prefill is one forward over the prompts; decoding is a `lax.while_loop` inside the same jit that
-stops early once every row has finished (EOS or a stop sequence). Log-probs are those of the sampled
+stops early once every row has finished (EOS or a stop sequence), in phases over a growing cache
+(`decode_phases`). Log-probs are those of the sampled
 token under softmax(logits / temperature) over the full vocabulary — what a teacher-forced pass at the
 same temperature computes (`rl.logprobs`), whatever top-k/top-p filtering chose the token. The pieces,
 `prefill`, `sample_token` and `decode_step`, are public so that benchmarks time them without a copy.
@@ -93,6 +94,20 @@ def prefill(cfg, params, prompts, prompt_lens, max_new_tokens: int, with_aux: bo
     return (logits[:, -1].astype(jnp.float32), cache) + ((aux,) if with_aux else ())
 
 
+def decode_phases(max_new_tokens: int) -> tuple[int, ...]:
+    """The decode steps at which each phase ends, (n_1, ..., max_new_tokens): one phase per 32 new tokens, at
+    most 8, of near-equal length.
+
+    Shapes are static, so a step attends over every slot of its cache, filled or not. Phase j decodes steps
+    n_{j-1}..n_j - 1 over a cache grown to P + n_j slots (`model.grow_cache`; one while loop, compiled, per
+    phase), so the attention reads about half the slots a single P + max_new_tokens cache would make it read,
+    for long generations. At 64 prompt + 128 new tokens (4 phases): small_qwen2 `generate` -4 to -6 %, the MLA
+    tiny_deepseek -11 %, the same tokens; compile +1.1 / +1.7 s (docs/benchmarks.md). Below 64 new tokens: one.
+    """
+    k = max(1, min(8, max_new_tokens // 32))
+    return tuple(sorted({-(-max_new_tokens * (j + 1) // k) for j in range(k)}))
+
+
 def first_argmax(x):
     """jnp.argmax(x, axis=-1) for x [batch, vocab] without NaNs -> int32 [batch]: the first index of the row's max.
 
@@ -136,7 +151,8 @@ def decode_step(cfg, params, tok, positions, cache, with_aux: bool = False):
 def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, temperature, top_k, top_p, greedy,
               eos_id, stop_sequences, pad_id, vocab_limit, with_routing=False):
     b, p = prompts.shape
-    last, cache, aux = prefill(cfg, params, prompts, prompt_lens, max_new_tokens, with_aux=True)
+    ends = decode_phases(max_new_tokens)
+    last, cache, aux = prefill(cfg, params, prompts, prompt_lens, ends[0], with_aux=True)
     if with_routing:  # the prompt's experts from prefill, each generated token's from its decode step
         routing = jnp.zeros((b, p + max_new_tokens) + aux["routing"].shape[2:], jnp.int32)
         routing = routing.at[:, :p].set(aux["routing"])
@@ -174,7 +190,12 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
     init = (jnp.int32(0), last, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32), zeros,
             jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), rng, routing,
             (jnp.full((b, max_new_tokens), -jnp.inf, jnp.float32), zeros))
-    _, _, _, out_tok, out_lp, done, lengths, _, routing, (floors, kept_lp) = jax.lax.while_loop(cond, body, init)
+    carry = init
+    for j, end in enumerate(ends):  # the cache grows between phases: a step attends over P + end slots
+        if j:
+            carry = carry[:2] + (grow_cache(cfg, carry[2], p + end),) + carry[3:]
+        carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end), body, carry)
+    _, _, _, out_tok, out_lp, done, lengths, _, routing, (floors, kept_lp) = carry
     return SampleOutput(out_tok, out_lp, lengths, ~done, routing if with_routing else None, floors, kept_lp)
 
 

@@ -118,3 +118,26 @@ def test_draws_equal_jax_categorical_and_argmax():
         np.testing.assert_array_equal(tok_k, jax.random.categorical(key, kept, axis=-1))
         np.testing.assert_allclose(lp_k, jnp.take_along_axis(jax.nn.log_softmax(kept), tok_k[:, None], 1)[:, 0],
                                    rtol=1e-6)
+
+
+def test_decode_phases_change_nothing_but_the_cache_size(setup, monkeypatch):
+    """Decoding in phases over a growing cache (`decode_phases`) samples exactly what one phase over the full
+    cache samples: same tokens, lengths, log-probs and (MoE) routing, rows stopping in different phases."""
+    import rl.sampler as sampler
+    from rl.sampler import decode_phases
+    cfg, params, prompts, lens, _ = setup
+    assert decode_phases(40) == (40,) and decode_phases(128) == (32, 64, 96, 128) and decode_phases(64) == (32, 64)
+    assert len(decode_phases(4096)) == 8 and decode_phases(4096)[-1] == 4096
+    kw = dict(temperature=0.8, rng=jax.random.key(5), eos_id=7, with_routing=cfg.moe is not None)
+    outs = []
+    for phases in [(40,), (8, 21, 40)]:
+        monkeypatch.setattr(sampler, "decode_phases", lambda n, phases=phases: phases)
+        sampler._generate.clear_cache()  # decode_phases is read while tracing
+        outs.append(generate(cfg, params, prompts, lens, 40, **kw))
+    sampler._generate.clear_cache()
+    one, phased = outs
+    lengths = np.asarray(one.lengths)
+    assert lengths.min() < 21 and lengths.max() == 40, lengths  # rows stop in an earlier phase and in the last
+    for field in ("tokens", "lengths", "truncated") + (("routing",) if cfg.moe is not None else ()):
+        np.testing.assert_array_equal(np.asarray(getattr(phased, field)), np.asarray(getattr(one, field)), field)
+    np.testing.assert_allclose(np.asarray(phased.logprobs), np.asarray(one.logprobs), atol=1e-5)
