@@ -276,7 +276,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
 def grow_cache(cfg: ModelConfig, cache, max_len: int):
     """`cache` (from `init_cache(cfg, batch, n)`, possibly filled) with room for `max_len` slots: each buffer
     zero-padded along its slot axis, `pos` with -1 (empty), `index` kept. Lets a prefill attend over its prompt's
-    slots only; the decode loop then writes into the grown cache."""
+    slots only, and `rl.sampler` grow it between decode phases (`rl.sampler.decode_phases`)."""
     b, n = cache["pos"].shape
     if max_len < n:
         raise ValueError(f"grow_cache: max_len {max_len} is below the cache's {n} slots")
