@@ -67,10 +67,11 @@ def rope_tables(rope: RopeConfig, dim: int, max_pos: int, positions, min_rows: i
     For rows = max(max_pos, seq, min_rows) (the caller passes a KV cache's slot count as min_rows) up to
     `_TABLE_ROWS_X_DIM` elements, the tables are computed once here, in numpy, for positions 0..rows-1 and
     gathered by position: negative positions (padding) read row 0, positions >= rows (beyond any context the
-    model or its cache has) give NaN rather than a silently wrong rotation. Computing cos/sin inside the program instead let XLA:CPU fuse
-    the two transcendentals into each consumer, recomputing them per head in every layer's RoPE and its
-    backward (48 fused cos/sin over [batch, heads, seq, head_dim] per small_qwen2 train step): the tables make
-    that step 5-7 % faster (docs/benchmarks.md). Longer contexts compute them in the program.
+    model or its cache has) give NaN rather than a silently wrong rotation. Computing cos/sin inside the
+    program instead let XLA:CPU fuse the two transcendentals into each consumer, recomputing them per head in
+    every layer's RoPE and its backward (48 fused cos/sin over [batch, heads, seq, head_dim] per small_qwen2
+    train step): the tables make that step 5-7 % faster (docs/benchmarks.md). Longer contexts compute them in
+    the program.
     """
     rope = rope.active(max_pos)
     inv, factor = inv_frequencies(rope, dim, max_pos)

@@ -101,8 +101,8 @@ def decode_phases(max_new_tokens: int) -> tuple[int, ...]:
     Shapes are static, so a step attends over every slot of its cache, filled or not. Phase j decodes steps
     n_{j-1}..n_j - 1 over a cache grown to P + n_j slots (`model.grow_cache`; one while loop, compiled, per
     phase), so the attention reads about half the slots a single P + max_new_tokens cache would make it read,
-    for long generations. At 64 prompt + 128 new tokens (4 phases): small_qwen2 `generate` -4 to -6 %, the MLA
-    tiny_deepseek -11 %, the same tokens; compile +1.1 / +1.7 s (docs/benchmarks.md). Below 64 new tokens: one.
+    for long generations. At 64 prompt + 128 new tokens (4 phases): small_qwen2 `generate` 5-7 % faster, the MLA
+    tiny_deepseek 11 %, the same tokens; compile +1.1 / +1.7 s (docs/benchmarks.md). Below 64 new tokens: one.
     """
     k = max(1, min(8, max_new_tokens // 32))
     return tuple(sorted({-(-max_new_tokens * (j + 1) // k) for j in range(k)}))
