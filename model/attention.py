@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ConfigError, ModelConfig
-from model.layers import KeyGen, RMSNorm, dtype_of, linear, merge_heads, param, zeros
+from model.layers import KeyGen, RMSNorm, dtype_of, merge_heads, param, project_tokens, zeros
 from model.rope import apply_rope
 
 MASKED = -1e30  # finite, so a fully masked row (a pad query) gives a uniform, not a NaN, distribution
@@ -146,9 +146,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, cfg.norm_eps, dt, "head_dim")
 
     def _proj(self, x, w, bias_name):
-        """x [batch, seq, d_model] -> token-major [batch, seq, heads, head_dim] (one flat matmul, `linear`)."""
-        w = w[...].astype(x.dtype)
-        y = linear(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])
+        """x [batch, seq, d_model] -> token-major [batch, seq, heads, head_dim]."""
+        y = project_tokens(x, w[...].astype(x.dtype))
         if self.cfg.qkv_bias:
             y = y + getattr(self, bias_name)[...].astype(x.dtype)
         return y

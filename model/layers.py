@@ -72,14 +72,19 @@ def linear(x, w, preferred_element_type=None):
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+def project_tokens(x, w):
+    """x [batch, seq, d_in] @ w [d_in, heads, head_dim] -> token-major [batch, seq, heads, head_dim], one flat
+    `linear`."""
+    return linear(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])
+
+
 def project_heads(x, w):
     """x [batch, seq, d_in] @ w [d_in, heads, head_dim] -> [batch, heads, seq, head_dim] through `linear`.
 
     The heads-major result is a transpose of the token-major product; XLA:CPU lowers the equivalent einsum
     ('btd,dhk->bhtk') to a transposed product and a relayout of the weight, ~6 % slower per training step.
     """
-    b, t, _ = x.shape
-    return linear(x, w.reshape(w.shape[0], -1)).reshape(b, t, *w.shape[1:]).transpose(0, 2, 1, 3)
+    return project_tokens(x, w).transpose(0, 2, 1, 3)
 
 
 def merge_heads(o, w):
