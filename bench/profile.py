@@ -156,10 +156,12 @@ def print_forward_profile(ops, title, top=12):
 def generate_hlo(ours) -> str:
     """The compiled text of the program `rl.sampler.generate` runs for `ours` (a bench.rollout.Ours): the library's
     own jitted `_generate`, lowered with the arguments `generate` passes it (read, not re-implemented)."""
-    from rl.sampler import _generate
+    from rl.sampler import _generate, resolve_streams
     kw = dict(max_new_tokens=ours.new, temperature=1.0, top_k=0, top_p=1.0, greedy=False, eos_id=None,
               stop_sequences=(), pad_id=0, vocab_limit=None)
-    return _generate.lower(ours.cfg, ours.params, ours.prompts, ours.lens, jax.random.key(0), **kw).compile().as_text()
+    rows = ours.prompts.shape[0] // resolve_streams(ours.streams, ours.prompts.shape[0], ours.mesh)  # one stream's
+    return _generate.lower(ours.cfg, ours.params, ours.prompts[:rows], ours.lens[:rows], jax.random.key(0),
+                           jnp.int32(0), **kw).compile().as_text()
 
 
 def rollout_kind(name: str, desc: str) -> str:
@@ -200,7 +202,8 @@ def print_rollout_profile(ops, wall: float, top: int = 15):
 def decode_parts(ours, quiet_wait: float = 0.0) -> list[tuple[str, float, str]]:
     """(what, seconds per `generate` call, note): the whole call against its parts, each jitted alone. Prefill,
     sampling and the decode step are the sampler's own `prefill`, `sample_token` and `decode_step`; the matmuls and
-    the attention over the cache are timed alone at the step's shapes (`model.attention.attend`)."""
+    the attention over the cache are timed alone at the step's shapes (`model.attention.attend`). The parts run
+    the whole batch as one stream; `generate` (the last two rows) runs with the caller's streams (ours.streams)."""
     import rl.sampler as S
     from model.attention import attend, attention_mask
 
@@ -226,7 +229,7 @@ def decode_parts(ours, quiet_wait: float = 0.0) -> list[tuple[str, float, str]]:
     t_pre = calls(lambda: jax.block_until_ready(prefill(params, prompts, lens)), 5)
     rows.append(("prefill alone (`rl.sampler.prefill`: the prompts into a fresh cache)", t_pre, f"{b}x{p} tokens"))
     draw = jax.jit(partial(S.sample_token, temperature=1.0, top_k=0, top_p=1.0, greedy=False, vocab_limit=None))
-    key = jax.random.key(1)
+    key = jax.random.split(jax.random.key(1), b)  # one per row, as generate draws
 
     def half_full(c):  # the cache as in the middle of decoding: prompt + new/2 slots filled
         k = p + new // 2
@@ -305,7 +308,8 @@ def decode_parts(ours, quiet_wait: float = 0.0) -> list[tuple[str, float, str]]:
     rows.append((f"  attention over the {total}-slot cache alone (x {cfg.n_layers} layers) x {new}", t_att * new,
                  f"{t_att * 1e3:.2f} ms/step"))
     whole = calls(ours.run, 5, warmup=1)
-    t_one = calls(lambda: jax.device_get(S.generate(cfg, params, prompts, lens, 1, 1.0, key).tokens), 5)
+    t_one = calls(lambda: jax.device_get(S.generate(cfg, params, prompts, lens, 1, 1.0, jax.random.key(1),
+                                                    streams=ours.streams).tokens), 5)
     rows.append(("`generate` with 1 new token (prefill + 1 sample; cache of prompt + 1 slots)", t_one,
                  f"in-loop step = (whole - this) / {new - 1} = {(whole - t_one) / max(new - 1, 1) * 1e3:.2f} ms"))
     rows.append(("whole `generate` call (timed again here)", whole, f"{(whole - t_pre) / new * 1e3:.2f} ms/step "

@@ -3,7 +3,8 @@ Tunix's `Sampler`.
 
     python -m bench.rollout [--batch 64 --prompt 64 --new 128] [--rounds 5] [--budget 120] [--max-others 0.1]
                             [--quiet-wait 5] [--no-torch] [--no-tunix] [--tunix-python /tmp/tunix_venv/bin/python]
-                            [--also-devices 2] [--devices 1] [--profile] [--xla-sweep] [--what-if]
+                            [--streams N] [--also-streams 1] [--also-devices 0] [--devices 1] [--profile]
+                            [--xla-sweep] [--what-if]
 
 Workload: the small config (`small_qwen2()`: Qwen2-style, vocab 512, d 256, 6 layers, 8 heads / 2 KV heads,
 head_dim 32, MLP 768), random weights, `batch` prompts of `prompt` random tokens (all full length), `new` new tokens
@@ -11,7 +12,10 @@ sampled at temperature 1 over the full vocabulary, no EOS (every row generates e
 tokens/s = batch * new / median wall time of one call (prefill + decode + getting the tokens to the host).
 
 - ours: `rl.sampler.generate(cfg, params, prompts, lens, new, 1.0, key)` (eos_id=None), blocked on the output;
-  the first call compiles and is not timed; every timed call uses a new key.
+  the first call compiles and is not timed; every timed call uses a new key. `streams` is the library's default
+  (`rl.sampler.resolve_streams`: on CPU two row groups decoded side by side on two host threads) unless
+  `--streams N` is given; `--also-streams 1` (the default; 0 = off) adds a row for ours with that many streams,
+  timed in the same rounds, so the table shows what the streams gain on this machine.
 - transformers (bench.peers.HFGenerate): `Qwen2ForCausalLM` with the same config (`model.hf.config_to_hf`), random
   weights, float32, eager PyTorch on CPU, `torch.set_num_threads(cpu count)`, `generate(do_sample=True,
   temperature=1, top_k=0, top_p=1, min_new_tokens=max_new_tokens=new)` under `torch.inference_mode()`.
@@ -21,7 +25,7 @@ tokens/s = batch * new / median wall time of one call (prefill + decode + gettin
   slots, as ours. google-tunix is an optional peer: it is imported in this process if it is installed here,
   otherwise it runs in a persistent worker process under `--tunix-python` (default /tmp/tunix_venv/bin/python, a
   separate venv with `pip install google-tunix`), which times its own calls; without either, tunix is nan.
-- ours on N devices (`--also-devices 2`, 0 = off): the same call in a worker process started with
+- ours on N devices (`--also-devices 2`; default 0 = off): the same call in a worker process started with
   XLA_FLAGS=--xla_force_host_platform_device_count=N and `mesh=` a data=N mesh, so the batch is split and each
   XLA CPU device decodes its half on its own thread. Reported in the table, not in RESULT (it needs the env var).
   `--devices N` runs ours itself that way (the env var must then be set by the caller).
@@ -85,8 +89,9 @@ def make_prompts(cfg: ModelConfig, batch: int, prompt: int, seed: int = 0) -> np
 class Ours:
     name = "ours: rl.sampler.generate (JAX)"
 
-    def __init__(self, cfg: ModelConfig, prompts: np.ndarray, new: int, devices: int = 1, variant: str = "none"):
-        self.cfg, self.new = cfg, new
+    def __init__(self, cfg: ModelConfig, prompts: np.ndarray, new: int, devices: int = 1, variant: str = "none",
+                 streams: int | None = None):
+        self.cfg, self.new, self.streams = cfg, new, streams
         self.params = init_params(cfg, 0)
         self.prompts = jnp.asarray(prompts)
         self.lens = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
@@ -101,6 +106,9 @@ class Ours:
             self.mesh, self.rules = make_mesh(MeshConfig(data=devices), jax.devices()[:devices]), DEFAULT_RULES
             self.params = jax.device_put(self.params, param_shardings(self.params, self.mesh))
             self.name = f"ours: rl.sampler.generate (JAX), {devices} CPU devices, batch split"
+        else:
+            n = S.resolve_streams(streams, prompts.shape[0])
+            self.name = f"ours: rl.sampler.generate (JAX), {n} stream{'s' * (n > 1)}{' (auto)' * (streams is None)}"
         self.whatif = None if variant == "none" else whatif_generate(self.cfg, new, WHATIF_SAMPLERS[variant])
         if self.whatif is not None:
             self.name = f"what-if {variant}: {WHATIF_SAMPLERS[variant].__doc__.splitlines()[0]}"
@@ -108,7 +116,8 @@ class Ours:
     def tokens(self, key) -> np.ndarray:
         """One call: the new tokens [batch, new] on the host, as a rollout needs them."""
         if self.whatif is None:
-            out = S.generate(self.cfg, self.params, self.prompts, self.lens, self.new, 1.0, key, mesh=self.mesh)
+            out = S.generate(self.cfg, self.params, self.prompts, self.lens, self.new, 1.0, key, mesh=self.mesh,
+                             streams=self.streams)
             return jax.device_get(out.tokens)
         if self.mesh is None:
             return jax.device_get(self.whatif(self.params, self.prompts, self.lens, key)[0])
@@ -167,7 +176,11 @@ def main(argv=None):
     ap.add_argument("--tunix-python", default=TUNIX_PYTHON)
     ap.add_argument("--devices", type=int, default=1,
                     help="run ours data-parallel over N CPU devices (needs --xla_force_host_platform_device_count)")
-    ap.add_argument("--also-devices", type=int, default=2,
+    ap.add_argument("--streams", type=int, default=None,
+                    help="generate(streams=): row groups decoded concurrently (default: the library's auto)")
+    ap.add_argument("--also-streams", type=int, default=1,
+                    help="also time ours with this many streams, in this process (0 = off)")
+    ap.add_argument("--also-devices", type=int, default=0,
                     help="also time ours over N XLA CPU devices in a worker process (0 = off)")
     ap.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="none", choices=["none", *WHATIF_SAMPLERS], help=argparse.SUPPRESS)
@@ -197,11 +210,15 @@ def main(argv=None):
     dev = None
     if args.also_devices > 1 and args.devices == 1:
         dev = OursDevices(args, args.also_devices)  # compiles in its own process meanwhile
-    ours = Ours(cfg, prompts, args.new, args.devices, args.variant)
+    ours = Ours(cfg, prompts, args.new, args.devices, args.variant, args.streams)
     t0 = time.perf_counter()
     ours.run()
     print(f"ours: first call (compile + run) {time.perf_counter() - t0:.1f} s", flush=True)
     peers = [("ours", ours)]
+    also = args.also_streams
+    if also and args.devices == 1 and args.variant == "none" and also != S.resolve_streams(args.streams, args.batch):
+        peers.append((f"ours_{also}streams", Ours(cfg, prompts, args.new, streams=also)))
+        peers[-1][1].run()
     if dev is not None:
         try:
             info = dev.ready()

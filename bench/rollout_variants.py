@@ -28,16 +28,16 @@ from model.config import ModelConfig
 
 # ---- what-if: a local variant of generate's loop, never patched into the library ------------------------------
 
-def library_sampler(last, key):
+def library_sampler(last, keys):
     """the library's `rl.sampler.sample_token` in the what-if loop (the control)"""
-    return S.sample_token(last, key, temperature=1.0, top_k=0, top_p=1.0, greedy=False, vocab_limit=None)[:2]
+    return S.sample_token(last, keys, temperature=1.0, top_k=0, top_p=1.0, greedy=False, vocab_limit=None)[:2]
 
 
-def gumbel_first_max(last, key):
+def gumbel_first_max(last, keys):
     """Gumbel-max as max + first index of the max (not argmax, a slow variadic reduce on XLA:CPU)
 
-    The same draw as jax.random.categorical (argmax of logits + Gumbel noise of the same key): same tokens."""
-    g = last + jax.random.gumbel(key, last.shape, last.dtype)
+    The same draw as jax.random.categorical per row (argmax of logits + Gumbel noise of the row's key)."""
+    g = last + jax.vmap(lambda k: jax.random.gumbel(k, last.shape[1:], last.dtype))(keys)
     m = jnp.max(g, axis=-1, keepdims=True)
     tok = jnp.min(jnp.where(g == m, jnp.arange(g.shape[-1]), g.shape[-1]), axis=-1).astype(jnp.int32)
     return tok, jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tok[:, None], axis=-1)[:, 0]
@@ -48,18 +48,19 @@ WHATIF_SAMPLERS = {"loop": library_sampler, "samp": gumbel_first_max}
 
 def whatif_generate(cfg: ModelConfig, new: int, sample):
     """WHAT-IF ONLY: `rl.sampler.generate`'s decode loop at temperature 1 without EOS handling, built from the
-    sampler's own `prefill` and `decode_step`, with `sample(logits, key) -> (tokens, log-probs)` swappable. Keys
-    are split as generate splits them, so the control (`library_sampler`) draws generate's tokens. Returns a
+    sampler's own `prefill` and `decode_step`, with `sample(logits, row keys) -> (tokens, log-probs)` swappable.
+    Row keys are derived as generate derives them (fold_in(rng, row), then the step), so the control
+    (`library_sampler`) draws generate's tokens. Returns a
     jitted fn(params, prompts, lens, rng) -> (tokens [batch, new], log-probs)."""
     @jax.jit
     def run(params, prompts, lens, rng):
         b = prompts.shape[0]
         last, cache = S.prefill(cfg, params, prompts, lens, new)
+        row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(b))
 
         def body(i, carry):
             last, cache, toks, lps, rng = carry
-            rng, key = jax.random.split(rng)
-            tok, lp = sample(last, key)
+            tok, lp = sample(last, jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, i))
             toks, lps = toks.at[:, i].set(tok), lps.at[:, i].set(lp)
             last, cache = S.decode_step(cfg, params, tok, lens + i, cache)
             return last, cache, toks, lps, rng

@@ -33,7 +33,8 @@ class Sampling:
     """How completions are sampled. temperature > 0 (log-probs are reported at it); top_p 1 and top_k 0 are off;
     greedy takes the argmax. Generation stops at EOS or after any of `stop` (strings, encoded by the tokenizer);
     `add_bos` prepends the tokenizer's BOS to each prompt; `think_prefix` is prepended to a completion whose
-    rendered prompt ends with it ('' never)."""
+    rendered prompt ends with it ('' never). `streams`: row groups decoded side by side on host threads
+    (`rl.sampler.resolve_streams`; None = auto: 2 on CPU, 1 on accelerators; the samples do not depend on it)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -43,6 +44,7 @@ class Sampling:
     think_prefix: str = "<think>"
     add_bos: bool = True
     greedy: bool = False
+    streams: int | None = None
 
     def __post_init__(self):
         def check(ok, name, msg):
@@ -53,6 +55,8 @@ class Sampling:
         check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", f"must be non-empty strings, got {self.stop}")
+        check(self.streams is None or (isinstance(self.streams, int) and self.streams >= 1), "streams",
+              f"must be None (auto) or an int >= 1, got {self.streams!r}")
 
 
 @dataclass
@@ -92,6 +96,12 @@ def _batch_multiple(mesh, rules) -> int:
     spec = spec_for(("batch",), rules or DEFAULT_RULES, mesh)[0]
     axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
     return int(math.prod(mesh.shape[a] for a in axes))
+
+
+def _streams(streams: int | None, rows: int) -> int | None:
+    """sampling.streams for a call of `rows` rows: a fixed count that does not divide them falls back to the largest
+    one that does (the last call is padded to the same size, so this is the same for every call)."""
+    return streams if streams is None else max(s for s in range(1, streams + 1) if rows % s == 0)
 
 
 def rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling, tokenizer, *, rng=None, repeat: int = 1,
@@ -156,7 +166,8 @@ def launch_rollout(cfg, params, prompt_texts: Sequence[str], sampling: Sampling,
         outs.append(generate(cfg, params, prompts[idx], lens[idx], sampling.max_new_tokens, sampling.temperature,
                              key, top_k=sampling.top_k, top_p=sampling.top_p, greedy=sampling.greedy,
                              eos_id=tokenizer.eos_id, stop_sequences=stop, pad_id=pad,
-                             vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules, with_routing=with_routing))
+                             vocab_limit=tokenizer.vocab_size, mesh=mesh, rules=rules, with_routing=with_routing,
+                             streams=_streams(sampling.streams, bs)))
         takes.append(min(bs, n_rows - start))
     return PendingRollout(outs, takes, texts, rows, prompts, lens, sampling, tokenizer, extract)
 

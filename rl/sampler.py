@@ -119,16 +119,18 @@ def first_argmax(x):
     return jnp.minimum(jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1), x.shape[-1] - 1)
 
 
-def sample_token(last, key, *, temperature: float, top_k: int, top_p: float, greedy: bool, vocab_limit):
-    """Draw one token per row from float32 logits [batch, vocab]: (tokens int32 [batch], their log-probs under
-    softmax(logits / temperature) over the full vocabulary [batch], the filter's floor [batch] and the log-probs
-    renormalised over the kept tokens [batch]; see SampleOutput)."""
+def sample_token(last, keys, *, temperature: float, top_k: int, top_p: float, greedy: bool, vocab_limit):
+    """Draw one token per row from float32 logits [batch, vocab] with one PRNG key per row (`keys` [batch]; a row's
+    draw depends on its own key only, so it does not change with how rows are grouped into calls): (tokens int32
+    [batch], their log-probs under softmax(logits / temperature) over the full vocabulary [batch], the filter's
+    floor [batch] and the log-probs renormalised over the kept tokens [batch]; see SampleOutput)."""
     scaled = last / temperature
     kept = filter_logits(scaled, top_k, top_p, vocab_limit)
     if greedy:
         tok = first_argmax(filter_logits(last, 0, 1.0, vocab_limit))
-    else:  # jax.random.categorical's Gumbel-max draw, with the cheaper argmax
-        tok = first_argmax(kept + jax.random.gumbel(key, kept.shape, kept.dtype))
+    else:  # per row, jax.random.categorical's Gumbel-max draw, with the cheaper argmax
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, kept.shape[1:], kept.dtype))(keys)
+        tok = first_argmax(kept + noise)
     tok = tok[:, None]
     lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok, axis=-1)[:, 0]
     # filter_logits hands back its input when no filter applies: then the kept-token log-prob is lp itself
@@ -148,9 +150,10 @@ def decode_step(cfg, params, tok, positions, cache, with_aux: bool = False):
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
                                    "eos_id", "stop_sequences", "pad_id", "vocab_limit", "with_routing"))
-def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, temperature, top_k, top_p, greedy,
+def _generate(cfg, params, prompts, prompt_lens, rng, first_row, *, max_new_tokens, temperature, top_k, top_p, greedy,
               eos_id, stop_sequences, pad_id, vocab_limit, with_routing=False):
     b, p = prompts.shape
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, first_row + jnp.arange(b))  # [b] keys
     ends = decode_phases(max_new_tokens)
     last, cache, aux = prefill(cfg, params, prompts, prompt_lens, ends[0], with_aux=True)
     if with_routing:  # the prompt's experts from prefill, each generated token's from its decode step
@@ -162,13 +165,12 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
                    vocab_limit=vocab_limit)
 
     def cond(carry):
-        i, _, _, _, _, done, _, _, _, _ = carry
+        i, _, _, _, _, done, _, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, last, cache, out_tok, out_lp, done, lengths, rng, routing, (floors, kept_lp) = carry
-        rng, key = jax.random.split(rng)
-        tok, lp, floor, lp_kept = draw(last, key)
+        i, last, cache, out_tok, out_lp, done, lengths, routing, (floors, kept_lp) = carry
+        tok, lp, floor, lp_kept = draw(last, jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, i))
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
         out_tok = out_tok.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
@@ -184,25 +186,25 @@ def _generate(cfg, params, prompts, prompt_lens, rng, *, max_new_tokens, tempera
         last, cache, step_aux = decode_step(cfg, params, tok, prompt_lens + i, cache, with_aux=True)
         if with_routing:
             routing = jax.lax.dynamic_update_slice_in_dim(routing, step_aux["routing"], p + i, axis=1)
-        return i + 1, last, cache, out_tok, out_lp, done, lengths, rng, routing, (floors, kept_lp)
+        return i + 1, last, cache, out_tok, out_lp, done, lengths, routing, (floors, kept_lp)
 
     zeros = jnp.zeros((b, max_new_tokens), jnp.float32)
     init = (jnp.int32(0), last, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32), zeros,
-            jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), rng, routing,
+            jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), routing,
             (jnp.full((b, max_new_tokens), -jnp.inf, jnp.float32), zeros))
     carry = init
     for j, end in enumerate(ends):  # the cache grows between phases: a step attends over P + end slots
         if j:
             carry = carry[:2] + (grow_cache(cfg, carry[2], p + end),) + carry[3:]
         carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end), body, carry)
-    _, _, _, out_tok, out_lp, done, lengths, _, routing, (floors, kept_lp) = carry
+    _, _, _, out_tok, out_lp, done, lengths, routing, (floors, kept_lp) = carry
     return SampleOutput(out_tok, out_lp, lengths, ~done, routing if with_routing else None, floors, kept_lp)
 
 
 def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int, temperature: float = 1.0,
              rng=None, *, top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None,
              stop_sequences: tuple[tuple[int, ...], ...] = (), pad_id: int = 0, vocab_limit: int | None = None,
-             mesh=None, rules=None, with_routing: bool = False) -> SampleOutput:
+             mesh=None, rules=None, with_routing: bool = False, streams: int | None = None) -> SampleOutput:
     """Sample `max_new_tokens` continuations of right-padded `prompts` int32 [batch, P] with lengths
     `prompt_lens` int32 [batch].
 
@@ -212,6 +214,8 @@ def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int
     below it (a tokenizer smaller than the model's embedding table). With `mesh`, runs under its sharding
     rules (params and batch as placed by the caller, e.g. the training state). `with_routing` (MoE models) also
     returns the experts every input token chose (`SampleOutput.routing`), for routing replay in training.
+    `streams` row groups are decoded concurrently (`resolve_streams`; None = auto: 2 on CPU, 1 on accelerators);
+    row r samples with the key `fold_in(rng, r)`, so the tokens do not depend on `streams`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
@@ -234,11 +238,54 @@ def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int
               vocab_limit=None if vocab_limit is None else int(vocab_limit), with_routing=bool(with_routing))
     if with_routing and cfg.moe is None:
         raise ValueError("with_routing: the model has no MoE layers (cfg.moe is None)")
-    if mesh is None:
-        return _generate(cfg, params, prompts, prompt_lens, rng, **kw)
-    from sharding import DEFAULT_RULES, batch_sharding
-    rules = rules or DEFAULT_RULES
-    with use_rules(mesh, rules):
-        prompts = jax.device_put(prompts, batch_sharding(mesh, rules))
-        prompt_lens = jax.device_put(prompt_lens, batch_sharding(mesh, rules, ndim=1))
-        return _generate(cfg, params, prompts, prompt_lens, rng, **kw)
+    n = resolve_streams(streams, prompts.shape[0], mesh)
+
+    def call(first: int, rows: int):
+        group = [x if rows == x.shape[0] else x[first:first + rows] for x in (prompts, prompt_lens)]
+        if mesh is None:
+            return _generate(cfg, params, *group, rng, jnp.int32(first), **kw)
+        from sharding import DEFAULT_RULES, batch_sharding
+        with use_rules(mesh, rules or DEFAULT_RULES):  # per thread: the active rules are thread-local
+            group = [jax.device_put(x, batch_sharding(mesh, rules or DEFAULT_RULES, ndim=x.ndim)) for x in group]
+            return _generate(cfg, params, *group, rng, jnp.int32(first), **kw)
+
+    c = prompts.shape[0] // n
+    if n == 1:
+        return call(0, c)
+    futures = [_stream_pool().submit(call, i * c, c) for i in range(1, n)]
+    outs = [call(0, c)] + [f.result() for f in futures]  # the first on this thread: model/host_memory.py
+    return SampleOutput(*(None if x[0] is None else jnp.concatenate(x) for x in zip(*outs)))
+
+
+def resolve_streams(streams: int | None, batch: int, mesh=None) -> int:
+    """How many row groups `generate` decodes concurrently, each its own call of the compiled sampler on its own
+    host thread. None (auto): 2 on the CPU backend for an even batch of at least 8 rows on one device, else 1.
+
+    Why: on one XLA:CPU device a decode step keeps only ~1.5 of 2 cores busy (its batched attention dots, softmax
+    and sampling run on one thread), and XLA runs the ops of one program one after another, but two programs
+    called from two threads run side by side (synchronous CPU dispatch runs each on its calling thread). Small
+    config, batch 64, 64 + 128 tokens, Intel Xeon 2 cores: 0.97 s one call, 0.64 s two streams of 32 rows, 0.66 s
+    four of 16 (docs/benchmarks.md). Accelerators keep one stream (one device queue); so does a multi-device mesh,
+    whose devices already run side by side. Rows draw from their own keys, so the samples do not depend on `n`.
+    """
+    if streams is None:
+        one_device = mesh is None or mesh.size == 1
+        return 2 if jax.default_backend() == "cpu" and one_device and batch % 2 == 0 and batch >= 8 else 1
+    if not isinstance(streams, int) or streams < 1 or batch % streams:
+        raise ValueError(f"streams must be a positive int dividing the batch ({batch} rows), got {streams!r}")
+    if streams > 1 and mesh is not None and mesh.size > 1:
+        raise ValueError(f"streams={streams} with a {mesh.size}-device mesh: the devices already decode side by "
+                         f"side; use streams=1 (or None)")
+    return streams
+
+
+_POOL = None
+
+
+def _stream_pool():
+    """Worker threads for `generate`'s extra streams (created once, kept: their malloc arenas stay warm)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=7, thread_name_prefix="r1jax-sampler")
+    return _POOL

@@ -56,6 +56,28 @@ def test_sharded_sampling_equals_unsharded(setup):
     np.testing.assert_allclose(np.asarray(out2.logprobs), np.asarray(out.logprobs), atol=1e-5)
 
 
+def test_streams_sample_what_one_call_samples(setup):
+    """Row groups decoded side by side on host threads (`streams`) sample what one call samples: row r draws from
+    fold_in(rng, r) whatever call it is in, so tokens, lengths and routing are equal and log-probs equal to
+    rounding (auto, 2 streams on CPU, is compared with one call in test_sharded_sampling_equals_unsharded). Auto
+    (None) is 2 on CPU for an even batch of >= 8 rows; bad counts are errors naming `streams`."""
+    from rl.sampler import resolve_streams
+    cfg, params, prompts, lens, _ = setup
+    assert resolve_streams(None, 8) == 2 and resolve_streams(None, 7) == 1 and resolve_streams(None, 6) == 1
+    kw = dict(temperature=0.8, rng=jax.random.key(2), eos_id=7, with_routing=cfg.moe is not None)
+    outs = [generate(cfg, params, prompts, lens, 40, streams=s, **kw) for s in (1, 4)]
+    assert np.asarray(outs[0].lengths).min() < 40 == np.asarray(outs[0].lengths).max()  # rows stop at different steps
+    for other in outs[1:]:
+        for field in ("tokens", "lengths", "truncated") + (("routing",) if cfg.moe is not None else ()):
+            np.testing.assert_array_equal(np.asarray(getattr(other, field)), np.asarray(getattr(outs[0], field)))
+        np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(outs[0].logprobs), atol=1e-5)
+    for bad in (3, 0, 2.0):
+        with pytest.raises(ValueError, match="streams"):
+            generate(cfg, params, prompts, lens, N, streams=bad, **kw)
+    with pytest.raises(ValueError, match="streams=2 with a 8-device mesh"):
+        generate(cfg, params, prompts, lens, N, streams=2, mesh=make_mesh(MeshConfig(data=8)), **kw)
+
+
 def test_greedy_follows_the_full_forward(setup):
     cfg, params, prompts, lens, _ = setup
     out = generate(cfg, params, prompts, lens, 3, greedy=True)
@@ -97,25 +119,26 @@ def test_filters():
 
 
 def test_draws_equal_jax_categorical_and_argmax():
-    """sample_token's Gumbel-max with first_argmax draws exactly jax.random.categorical's tokens (same key), and
-    first_argmax is jnp.argmax, ties and -inf included."""
+    """sample_token's Gumbel-max with first_argmax draws exactly jax.random.categorical's token for each row (the
+    row's key), and first_argmax is jnp.argmax, ties and -inf included."""
     from rl.sampler import first_argmax, sample_token
     logits = jax.random.normal(jax.random.key(0), (64, 97)) * 3
     logits = logits.at[0, 5].set(-jnp.inf).at[1, :].set(0.0).at[2, 7].set(9.0).at[2, 40].set(9.0)
     np.testing.assert_array_equal(first_argmax(logits), jnp.argmax(logits, axis=-1))
     assert first_argmax(logits).dtype == jnp.int32
+    categorical = jax.vmap(lambda k, row: jax.random.categorical(k, row))
     for i in range(5):
-        key = jax.random.key(i)
+        key = jax.random.split(jax.random.key(i), 64)
         tok, lp, _, lp_kept = sample_token(logits, key, temperature=0.7, top_k=0, top_p=1.0, greedy=False,
                                            vocab_limit=None)
-        np.testing.assert_array_equal(tok, jax.random.categorical(key, logits / 0.7, axis=-1))
+        np.testing.assert_array_equal(tok, categorical(key, logits / 0.7))
         np.testing.assert_allclose(lp, jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), tok[:, None], 1)[:, 0],
                                    rtol=1e-6)
         np.testing.assert_array_equal(lp_kept, lp)
         tok_k, _, _, lp_k = sample_token(logits, key, temperature=0.7, top_k=5, top_p=1.0, greedy=False,
                                          vocab_limit=None)
         kept = filter_logits(logits / 0.7, 5, 1.0)
-        np.testing.assert_array_equal(tok_k, jax.random.categorical(key, kept, axis=-1))
+        np.testing.assert_array_equal(tok_k, categorical(key, kept))
         np.testing.assert_allclose(lp_k, jnp.take_along_axis(jax.nn.log_softmax(kept), tok_k[:, None], 1)[:, 0],
                                    rtol=1e-6)
 
@@ -128,7 +151,7 @@ def test_decode_phases_change_nothing_but_the_cache_size(setup, monkeypatch):
     cfg, params, prompts, lens, _ = setup
     assert decode_phases(40) == (40,) and decode_phases(128) == (32, 64, 96, 128) and decode_phases(64) == (32, 64)
     assert len(decode_phases(4096)) == 8 and decode_phases(4096)[-1] == 4096
-    kw = dict(temperature=0.8, rng=jax.random.key(5), eos_id=7, with_routing=cfg.moe is not None)
+    kw = dict(temperature=0.8, rng=jax.random.key(2), eos_id=7, with_routing=cfg.moe is not None)
     outs = []
     for phases in [(40,), (8, 21, 40)]:
         monkeypatch.setattr(sampler, "decode_phases", lambda n, phases=phases: phases)
