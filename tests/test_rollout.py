@@ -17,7 +17,8 @@ TINY = ModelConfig(vocab_size=264, d_model=32, n_layers=1, n_heads=2, n_kv_heads
 
 def test_sampling_validation_names_fields():
     for kw, field in [({"temperature": 0}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
-                      ({"max_new_tokens": 0}, "max_new_tokens"), ({"stop": ("",)}, "stop")]:
+                      ({"max_new_tokens": 0}, "max_new_tokens"), ({"stop": ("",)}, "stop"), ({"streams": 0}, "streams"),
+                      ({"streams": 1.5}, "streams")]:
         with pytest.raises(ValueError, match=f"sampling.{field}"):
             Sampling(**kw)
     s = eval_sampling(Sampling(temperature=1.0, top_k=5, max_new_tokens=7, add_bos=False))
@@ -34,6 +35,10 @@ def test_rollout_rows_bos_and_think_prefix():
         body = tok.decode([int(t) for t in out.tokens[r][:out.lengths[r]] if t != tok.eos_id],
                           skip_special_tokens=False)
         assert out.texts[r] == ("<think>" if r >= 3 else "") + body
+    # a stream count that does not divide the 6 rows falls back to one that does (4 -> 3): the same samples
+    three = rollout(TINY, params, ["ab", "cd <think>"], Sampling(temperature=1.0, max_new_tokens=6, streams=4), tok,
+                    rng=jax.random.key(1), repeat=3)
+    np.testing.assert_array_equal(three.tokens, out.tokens)
     no_bos = rollout(TINY, params, ["ab"], Sampling(max_new_tokens=2, add_bos=False, think_prefix=""), tok)
     assert no_bos.prompt_lens.tolist() == [2] and no_bos.prompts[0, 0] == tok.encode("a")[0]
 
