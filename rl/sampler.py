@@ -264,8 +264,8 @@ def resolve_streams(streams: int | None, batch: int, mesh=None) -> int:
     Why: on one XLA:CPU device a decode step keeps only ~1.5 of 2 cores busy (its batched attention dots, softmax
     and sampling run on one thread), and XLA runs the ops of one program one after another, but two programs
     called from two threads run side by side (synchronous CPU dispatch runs each on its calling thread). Small
-    config, batch 64, 64 + 128 tokens, Intel Xeon 2 cores: 0.97 s one call, 0.64 s two streams of 32 rows, 0.66 s
-    four of 16 (docs/benchmarks.md). Accelerators keep one stream (one device queue); so does a multi-device mesh,
+    config, batch 64, 64 + 128 tokens, Intel Xeon 2 cores (`python -m bench.rollout`): 0.96 s in one stream,
+    0.59 s in two of 32 rows; four of 16 are no better (docs/benchmarks.md). Accelerators keep one stream (one device queue); so does a multi-device mesh,
     whose devices already run side by side. Rows draw from their own keys, so the samples do not depend on `n`.
     """
     if streams is None:
