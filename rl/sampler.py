@@ -245,8 +245,9 @@ def generate(cfg: ModelConfig, params, prompts, prompt_lens, max_new_tokens: int
         if mesh is None:
             return _generate(cfg, params, *group, rng, jnp.int32(first), **kw)
         from sharding import DEFAULT_RULES, batch_sharding
-        with use_rules(mesh, rules or DEFAULT_RULES):  # per thread: the active rules are thread-local
-            group = [jax.device_put(x, batch_sharding(mesh, rules or DEFAULT_RULES, ndim=x.ndim)) for x in group]
+        r = rules or DEFAULT_RULES
+        with use_rules(mesh, r):  # per thread: the active rules are thread-local
+            group = [jax.device_put(x, batch_sharding(mesh, r, ndim=x.ndim)) for x in group]
             return _generate(cfg, params, *group, rng, jnp.int32(first), **kw)
 
     c = prompts.shape[0] // n
@@ -265,8 +266,9 @@ def resolve_streams(streams: int | None, batch: int, mesh=None) -> int:
     and sampling run on one thread), and XLA runs the ops of one program one after another, but two programs
     called from two threads run side by side (synchronous CPU dispatch runs each on its calling thread). Small
     config, batch 64, 64 + 128 tokens, Intel Xeon 2 cores (`python -m bench.rollout`): 0.96 s in one stream,
-    0.59 s in two of 32 rows; four of 16 are no better (docs/benchmarks.md). Accelerators keep one stream (one device queue); so does a multi-device mesh,
-    whose devices already run side by side. Rows draw from their own keys, so the samples do not depend on `n`.
+    0.59 s in two of 32 rows; four of 16 are no better (docs/benchmarks.md). Accelerators keep one stream (one
+    device queue); so does a multi-device mesh, whose devices already run side by side. Rows draw from their own
+    keys, so the samples do not depend on `n`.
     """
     if streams is None:
         one_device = mesh is None or mesh.size == 1
