@@ -145,20 +145,33 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps, dt, "head_dim")
             self.k_norm = RMSNorm(hd, cfg.norm_eps, dt, "head_dim")
 
-    def _proj(self, x, w, bias_name):
-        """x [batch, seq, d_model] -> token-major [batch, seq, heads, head_dim]."""
-        y = project_tokens(x, w[...].astype(x.dtype))
-        if self.cfg.qkv_bias:
-            y = y + getattr(self, bias_name)[...].astype(x.dtype)
-        return y
+    def _qkv(self, x):
+        """x [batch, seq, d_model] -> token-major q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads,
+        head_dim].
+
+        On the CPU backend the three projections run as one product with the weights concatenated along heads
+        ([d_model, heads + 2 kv_heads, head_dim]): XLA:CPU runs the thin k and v products (64 columns at
+        small_qwen2) far below its matmul peak, and one wide product is ~1.3 % faster per training step
+        (docs/benchmarks.md). Elsewhere they stay three: weights sharded along heads (tensor parallelism) would
+        have to be regathered to be concatenated.
+        """
+        names = ("q", "k", "v")
+        ws = [getattr(self, f"{n}_proj")[...] for n in names]
+        bs = [getattr(self, f"{n}_bias")[...] for n in names] if self.cfg.qkv_bias else None
+        if jax.default_backend() != "cpu":
+            ys = [project_tokens(x, w.astype(x.dtype)) for w in ws]
+            return tuple(ys if bs is None else (y + b.astype(x.dtype) for y, b in zip(ys, bs)))
+        y = project_tokens(x, jnp.concatenate(ws, axis=1).astype(x.dtype))
+        if bs is not None:
+            y = y + jnp.concatenate(bs, axis=0).astype(x.dtype)
+        h, kvh = self.cfg.n_heads, self.cfg.n_kv_heads
+        return y[:, :, :h], y[:, :, h:h + kvh], y[:, :, h + kvh:]
 
     def __call__(self, x, rope, mask_info, cache=None):
         """x [batch, seq, d_model] -> ([batch, seq, d_model], updated layer cache or None)."""
         cfg = self.cfg
         cos, sin = rope
-        q = self._proj(x, self.q_proj, "q_bias")
-        k = self._proj(x, self.k_proj, "k_bias")
-        v = self._proj(x, self.v_proj, "v_bias")
+        q, k, v = self._qkv(x)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE before the heads-major transpose: its backward then runs on the matmul's own layout (~1 % per step)

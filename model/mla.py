@@ -69,7 +69,8 @@ class MLA(nnx.Module):
         if cache is not None and m.decode_impl == "absorb":
             o = self._absorbed(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
         else:
-            k_nope, v = project_heads(latent, w_uk), project_heads(latent, w_uv)
+            kv_heads = project_heads(latent, wkv)  # one product for keys and values: [b, h, t, nope + v]
+            k_nope, v = kv_heads[..., : m.qk_nope_head_dim], kv_heads[..., m.qk_nope_head_dim:]
             k_r = jnp.broadcast_to(k_rope[:, None], k_nope.shape[:3] + (m.qk_rope_head_dim,))
             q = jnp.concatenate([q_nope, q_rope], axis=-1)
             k = jnp.concatenate([k_nope, k_r], axis=-1)
