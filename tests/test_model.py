@@ -203,6 +203,30 @@ def test_dense_forward_matches_numpy_reference(name, params_of):
     assert np.abs(ref).max() > 0.1  # non-trivial logits
 
 
+def test_qkv_as_three_products_off_cpu(params_of, monkeypatch):
+    """On CPU `Attention` runs q/k/v as one product over concatenated weights; on other backends as three (sharded
+    weights stay put). The three-product path, forced here by reporting another backend while tracing (which also
+    picks XLA's `attend` over the CPU kernel), gives the numpy reference's logits and the fused path's gradients."""
+    cfg, params = CONFIGS["gqa_qkv_bias"], params_of("gqa_qkv_bias")
+    tokens = _tokens(cfg, B, T, 6)
+    pos = _arange_pos(B, T)
+
+    def loss(p):
+        logits = model.forward(cfg, p, tokens, pos, with_mtp=False)[0]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1)), logits
+
+    grad_fn = lambda: jax.jit(jax.value_and_grad(loss, has_aux=True))(params)  # noqa: E731  a fresh trace each
+    (_, fused_logits), fused_grads = grad_fn()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    (_, split_logits), split_grads = grad_fn()
+    ref = _numpy_dense_forward(cfg, params, tokens)
+    assert np.max(np.abs(np.asarray(split_logits) - ref)) <= TOL
+    assert np.max(np.abs(np.asarray(fused_logits) - ref)) <= TOL
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), fused_grads, split_grads)
+    assert max(jax.tree.leaves(diffs)) <= TOL
+    assert float(jnp.max(jnp.abs(split_grads["layers"][0]["self_attn"]["k_proj"]))) > 0
+
+
 @pytest.mark.parametrize("name", ["deepseek_mla_qlora", "gqa_qkv_bias"])
 def test_left_padded_row_matches_unpadded(name, params_of):
     cfg, params = CONFIGS[name], params_of(name)
