@@ -160,7 +160,9 @@ class Attention(nnx.Module):
         bs = [getattr(self, f"{n}_bias")[...] for n in names] if self.cfg.qkv_bias else None
         if jax.default_backend() != "cpu":
             ys = [project_tokens(x, w.astype(x.dtype)) for w in ws]
-            return tuple(ys if bs is None else (y + b.astype(x.dtype) for y, b in zip(ys, bs)))
+            if bs is not None:
+                ys = [y + b.astype(x.dtype) for y, b in zip(ys, bs)]
+            return tuple(ys)
         y = project_tokens(x, jnp.concatenate(ws, axis=1).astype(x.dtype))
         if bs is not None:
             y = y + jnp.concatenate(bs, axis=0).astype(x.dtype)

@@ -64,10 +64,9 @@ class MLA(nnx.Module):
                      "k_rope": write_cache(cache["k_rope"], k_rope, index, 1)}
             latent, k_rope = cache["latent"].astype(x.dtype), cache["k_rope"].astype(x.dtype)
         wkv = self.kv_b_proj[...].astype(x.dtype)
-        w_uk, w_uv = wkv[..., : m.qk_nope_head_dim], wkv[..., m.qk_nope_head_dim:]
-        mask = mask_info["mask"]
         if cache is not None and m.decode_impl == "absorb":
-            o = self._absorbed(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask)
+            w_uk, w_uv = wkv[..., : m.qk_nope_head_dim], wkv[..., m.qk_nope_head_dim:]
+            o = self._absorbed(q_nope, q_rope, latent, k_rope, w_uk, w_uv, mask_info["mask"])
         else:
             kv_heads = project_heads(latent, wkv)  # one product for keys and values: [b, h, t, nope + v]
             k_nope, v = kv_heads[..., : m.qk_nope_head_dim], kv_heads[..., m.qk_nope_head_dim:]
