@@ -173,8 +173,12 @@ SCHEMA = ("pass@1", "pass@1_std", "pass@k", "maj@k", "response_len_mean", "think
 
 @pytest.fixture
 def xla_cache(tmp_path):
-    """A persistent compilation cache for one test (later stages compile the same GRPO and SFT steps again)."""
+    """A persistent compilation cache (later stages compile the same GRPO and SFT steps again): the run's own
+    (tests/conftest.py), which the spawned pipeline worker inherits too, else one for this test."""
     from jax.experimental.compilation_cache import compilation_cache as cc
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
     old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
