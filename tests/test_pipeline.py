@@ -173,8 +173,9 @@ SCHEMA = ("pass@1", "pass@1_std", "pass@k", "maj@k", "response_len_mean", "think
 
 @pytest.fixture
 def xla_cache(tmp_path):
-    """A persistent compilation cache (later stages compile the same GRPO and SFT steps again): the run's own
-    (tests/conftest.py), which the spawned pipeline worker inherits too, else one for this test."""
+    """A persistent compilation cache (later stages compile the same GRPO and SFT steps again, and the pipeline
+    hands its cache directory to the worker it spawns): the test run's own (tests/conftest.py), else one for this
+    test, restored afterwards."""
     from jax.experimental.compilation_cache import compilation_cache as cc
     if jax.config.jax_compilation_cache_dir:
         yield
