@@ -35,16 +35,23 @@ def _fingerprints(tree):
         weights = jnp.arange(1, words.size + 1, dtype=jnp.uint32) * jnp.uint32(2654435761)
         return jnp.sum(words * weights + (words >> 7), dtype=jnp.uint32)
 
-    return [fp(x) for x in jax.tree.leaves(tree)]
+    return jnp.stack([fp(x) for x in jax.tree.leaves(tree)])
 
 
 def fingerprint(tree) -> list[int]:
-    return [int(v) for v in _fingerprints(tree)]
+    # one array, one transfer: a scalar per leaf cost a device round trip each (~1 s a save at 250 leaves)
+    return [int(v) for v in np.asarray(_fingerprints(tree))] if jax.tree.leaves(tree) else []
+
+
+@jax.jit
+def _all_finite(tree):
+    # one program for the whole tree: leaf by leaf, each new shape compiled its own tiny program (~2.5 s a save)
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def is_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
-               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
+    return bool(_all_finite(tree))
 
 
 class Checkpointer:
