@@ -166,6 +166,10 @@ TINY_PIPELINE = [  # every stage a few steps; one MLA + MoE + MTP layer (compile
     "student_base_steps=2", "eval.problems=4", "eval.k=2", "hard_max_new_tokens=24", "seeds=(0, 1)",
     "countdown.model.n_layers=1", "countdown.model.moe.first_k_dense=0", "countdown.steps=2",
     "countdown.grpo.prompts_per_step=2", "countdown.grpo.num_generations=4", "countdown.base.steps=2",
+    # Countdown in the zero stage's shapes (its programs come from the compilation cache) and small data pools
+    # (reasoning-gym's generator costs ~2 ms a problem: the default pools take ~30 s)
+    "countdown.max_prompt_len=64", "countdown.grpo.sampling.max_new_tokens=24", "countdown.task.train_prompts=64",
+    "countdown.task.corpus_pool=200", "countdown.task.corpus_docs=2000",
     "progress=false", "tensorboard=false", "workers=1",  # in-process: the test patches verified_traces
 ]
 SCHEMA = ("pass@1", "pass@1_std", "pass@k", "maj@k", "response_len_mean", "think_usage")
@@ -190,6 +194,7 @@ def xla_cache(tmp_path):
     cc.reset_cache()
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_tiny(tmp_path, monkeypatch, xla_cache):
     import rl.traces
     from experiments import pipeline
