@@ -54,6 +54,7 @@ def test_forward_tiny(capsys):
     assert "loop vs scan greedy tokens identical | 100.0%" in out  # both decoders run rl.sampler's pieces
 
 
+@pytest.mark.slow
 def test_grpo_tiny_against_trl(capsys):
     pytest.importorskip("trl")
     from bench import grpo

@@ -29,6 +29,7 @@ def test_user_errors_are_one_line(capsys, tmp_path):
         main(["experiments/tiny_pretrain.py", f"run_dir={tmp_path}", "mesh.data=3", "verbose=true"])
 
 
+@pytest.mark.slow
 def test_rl_experiment_runs_its_base_stage_then_grpo_on_its_task(tmp_path):
     """Dispatch on the config type: an RLExperiment with a `base` (and no init_from) pretrains it into run_dir/base,
     then runs GRPO from it, evaluating the task's held-out problems before and after; the CLI sets nested fields."""

@@ -3,6 +3,8 @@
 import math
 import re
 
+import pytest
+
 from bench import gpu, scan
 
 
@@ -24,6 +26,7 @@ def _check(fields: dict[str, float], printed: dict[str, float], required: set[st
         assert math.isclose(printed[k], v, rel_tol=1e-3), (k, printed[k], v)  # printed = returned
 
 
+@pytest.mark.slow
 def test_gpu_bench_tiny(capsys):
     returned = gpu.main(["--tiny"])
     out = capsys.readouterr().out
@@ -34,6 +37,7 @@ def test_gpu_bench_tiny(capsys):
     assert "| dense train step" in out and "| moe train step" in out and "| sampler" in out
 
 
+@pytest.mark.slow
 def test_scan_bench_tiny(capsys):
     returned = scan.main(["--tiny"])
     fields = _result_fields(capsys.readouterr().out)

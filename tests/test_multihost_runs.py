@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["steps=8", "batch_size=4", "mesh.data=1", "mesh.fsdp=-1", "data.seq_len=32", "model.max_seq_len=256",
@@ -26,6 +27,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _xla_flags(devices: int) -> str:
+    """The suite's XLA flags (tests/conftest.py) with this run's CPU device count in place of its 8."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"] * (devices > 1))
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("R1JAX_")}
     return {**env, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **extra}
@@ -35,7 +42,7 @@ def _start_two(args):
     port = _free_port()
     return [subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
-                             env=_env(XLA_FLAGS="", R1JAX_COORDINATOR=f"127.0.0.1:{port}",
+                             env=_env(XLA_FLAGS=_xla_flags(1), R1JAX_COORDINATOR=f"127.0.0.1:{port}",
                                       R1JAX_NUM_PROCESSES="2", R1JAX_PROCESS_ID=str(i)))
             for i in range(2)]
 
@@ -55,7 +62,7 @@ def _start_one(args):
     single-threaded at this size, so running them together saves wall time)."""
     return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                            env=_env(XLA_FLAGS=_xla_flags(2)))
 
 
 def _finish(p):
@@ -68,6 +75,7 @@ def _lines(run_dir):
         return [json.loads(line) for line in fh if line.strip()]
 
 
+@pytest.mark.slow
 def test_two_processes_run_experiment_files(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     ref = _start_one(["experiments/tiny_pretrain.py", f"run_dir={one}", *PRETRAIN, "checkpoint.every=0"])

@@ -53,6 +53,7 @@ def test_resume_is_bitwise_identical(uninterrupted, tmp_path):
     assert _final_fingerprint(d) == _final_fingerprint(uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(uninterrupted, tmp_path):
     d = str(tmp_path)
     cmd = [sys.executable, "-m", "experiments.run", TINY, *SMALL, f"run_dir={d}", "steps=8", "checkpoint.every=2"]
