@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = ["steps=8", "batch_size=4", "mesh.data=1", "mesh.fsdp=-1", "data.seq_len=32", "model.max_seq_len=256",
+# two layers (dense, then MoE; MLA and MTP kept): compiling is most of this test's time, three processes at a time
+MODEL = ["model.n_layers=2", "model.max_seq_len=256"]
+PRETRAIN = ["steps=8", "batch_size=4", "mesh.data=1", "mesh.fsdp=-1", "data.seq_len=32", *MODEL,
             "data.num_shards=2", "progress=false", "tensorboard=false"]
-GRPO = ["steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.sampling.max_new_tokens=6",
+GRPO = [*MODEL, "steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.sampling.max_new_tokens=6",
         "checkpoint.every=0", "progress=false", "tensorboard=false"]
 
 
@@ -101,7 +103,7 @@ def test_two_processes_run_experiment_files(tmp_path):
     assert json.load(open(two / "config.json"))["steps"] == 8
 
     rl_one, rl_two = tmp_path / "rl_one", tmp_path / "rl_two"
-    grpo = ["experiments/grpo_arithmetic.py", f"init_from={two}", "model.max_seq_len=256", *GRPO]
+    grpo = ["experiments/grpo_arithmetic.py", f"init_from={two}", *GRPO]
     ref = _start_one([*grpo, f"run_dir={rl_one}"])
     _run_two([*grpo, f"run_dir={rl_two}"])
     _finish(ref)

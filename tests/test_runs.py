@@ -57,9 +57,11 @@ def test_resume_is_bitwise_identical(uninterrupted, tmp_path):
 def test_sigkill_then_resume(uninterrupted, tmp_path):
     d = str(tmp_path)
     cmd = [sys.executable, "-m", "experiments.run", TINY, *SMALL, f"run_dir={d}", "steps=8", "checkpoint.every=2"]
-    # the resumed process reuses the killed one's compiled programs (CI time; the same executables, same numbers)
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    # a persistent compilation cache (CI time; the same executables, same numbers): the suite's (tests/conftest.py),
+    # which already holds the in-process run's programs, else one for the two processes here
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    if "JAX_COMPILATION_CACHE_DIR" not in env:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = os.path.join(d, "metrics.jsonl")
     deadline = time.time() + 300
@@ -142,3 +144,44 @@ def test_run_writes_metrics_plots_and_events(uninterrupted):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(uninterrupted, "tb")))
     cfg = json.load(open(os.path.join(uninterrupted, "config.json")))
     assert cfg["model"]["d_model"] == 64
+
+
+def test_small_replicated_arrays_are_saved_without_slicing_programs(tmp_path):
+    """Replica-parallel saving only for slices of 1 MiB or more (train/checkpoint.py): a tiny replicated state on 8
+    devices saves without compiling anything (orbax's default sliced it, one program per shape and device) and
+    restores equal; a large replicated array is still split across its replicas."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from orbax.checkpoint._src.serialization.replica_slices import get_replica_slices
+
+    from train.checkpoint import REPLICA_PARALLEL_MIN_BYTES, Checkpointer, fingerprint, is_finite
+
+    rep = NamedSharding(jax.make_mesh((8,), ("data",)), P())
+    # shapes orbax could split 8 ways (a dimension divisible by 8), seen by no other test
+    state = {"w": jax.device_put(jnp.arange(72 * 53, dtype=jnp.float32).reshape(72, 53), rep),
+             "b": jax.device_put(jnp.ones((88,), jnp.float32), rep)}
+    is_finite(state), fingerprint(state)  # the save's own two programs, compiled before counting
+    compiles = []
+
+    def listen(event, secs, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(secs)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        ckpt = Checkpointer(str(tmp_path / "c"), async_save=False)
+        assert ckpt.save(1, state, {})
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+    out, _ = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state))
+    ckpt.close()
+    for k in state:
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(state[k]))
+    # what orbax does with the threshold: under it one replica writes the whole array, at it each writes a slice
+    kw = dict(replica_id=0, use_replica_parallel=True, min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    under = get_replica_slices(jax.device_put(jnp.zeros((1024, 1024), jnp.float32), rep), **kw)  # 512 KiB a replica
+    at = get_replica_slices(jax.device_put(jnp.zeros((2048, 1024), jnp.float32), rep), **kw)  # 1 MiB a replica
+    assert under.replica_slices[0].slice_args is None and at.replica_slices[0].slice_args is not None

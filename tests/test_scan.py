@@ -152,13 +152,19 @@ def test_sharded_expert_parallel_training_scanned():
 def test_checkpoint_of_the_other_layout_is_refused(tmp_path):
     """A run directory written unscanned, resumed scanned: one line naming model.scan_layers, before compiling."""
     from experiments.run import load_experiment
+    from train.checkpoint import Checkpointer
     from train.loop import pretrain
     from train.run import RunError, first_difference
 
     exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "tiny_pretrain.py")
     small = ["model.d_model=32", "model.n_layers=2", "model.vocab_size=320", "data.seq_len=16", "batch_size=8",
              "progress=false", f"run_dir={tmp_path}"]
-    pretrain(load_experiment(exp, small + ["steps=1", "checkpoint.every=1"])[1])
+    # the checkpoint an unscanned run writes, as far as the check reads it: its meta's config (no training: the
+    # refusal comes before anything compiles, and a step would cost ~20 s of compiling)
+    unscanned = load_experiment(exp, small + ["steps=1"])[1]
+    ckpt = Checkpointer(os.path.join(unscanned.directory, "checkpoints"))
+    ckpt.save(1, {"step": jnp.ones((), jnp.int32)}, {"config": unscanned.to_dict()})
+    ckpt.close()
     with pytest.raises(RunError, match=r"model\.scan_layers: checkpoint has False, this run has True") as e:
         pretrain(load_experiment(exp, small + ["steps=2", "model.scan_layers=true"])[1])
     assert "\n" not in str(e.value)

@@ -90,22 +90,32 @@ def plot_metrics(run_dir: str, keys=None, filename: str = "curves.png") -> str |
     keys = [k for k in (keys or scalars) if any(isinstance(r.get(k), float) for r in rows)]
     if not keys:
         return None
-    cols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
+    fig, axes = _panels(plt, keys)
+    for ax, k in zip(axes, keys):
         pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), float)]
         ax.plot(*zip(*pts), lw=1.2)
+    path = os.path.join(run_dir, filename)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _panels(plt, keys):
+    """A grid of 3 panels a row, one per key (titled, x = step) -> (figure, the used axes).
+
+    Fixed margins in inches rather than `tight_layout`, which measures every label by drawing it (a third of the
+    plot's cost, paid at the end of every run)."""
+    cols, rows = min(3, len(keys)), math.ceil(len(keys) / 3)
+    w, h = 4.2 * cols, 2.8 * rows
+    fig, axes = plt.subplots(rows, cols, figsize=(w, h), squeeze=False)
+    fig.subplots_adjust(left=0.75 / w, right=1 - 0.15 / w, bottom=0.5 / h, top=1 - 0.3 / h, wspace=0.3, hspace=0.55)
+    for ax, k in zip(axes.flat, keys):
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.tight_layout()
-    path = os.path.join(run_dir, filename)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig, list(axes.flat)[:len(keys)]
 
 
 def plot_runs(runs: dict[str, str], keys, path: str) -> str | None:
@@ -118,21 +128,13 @@ def plot_runs(runs: dict[str, str], keys, path: str) -> str | None:
     keys = [k for k in keys if any(isinstance(r.get(k), float) for rs in rows.values() for r in rs)]
     if not keys:
         return None
-    cols = min(3, len(keys))
-    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4.2 * cols, 2.8 * math.ceil(len(keys) / cols)),
-                             squeeze=False)
-    for ax, k in zip(axes.flat, keys):
+    fig, axes = _panels(plt, keys)
+    for ax, k in zip(axes, keys):
         for label, rs in rows.items():
             pts = [(r["step"], r[k]) for r in rs if isinstance(r.get(k), float)]
             if pts:
                 ax.plot(*zip(*pts), lw=1.2, label=label)
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
+    axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
