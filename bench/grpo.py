@@ -3,7 +3,7 @@ log-probs, and the policy update.
 
     python -m bench.grpo [--iters 3] [--generations 8 --prompts 8 --new 64] [--beta 0.04] [--mu 2 --mini-batches 2]
                          [--max-prompt-len 64] [--template short|r1] [--rewards format,accuracy] [--data 1]
-                         [--off-policy-steps 1 --tis-cap 2.0] [--trl]
+                         [--off-policy-steps 1 --tis-cap 2.0] [--layers 6] [--trl]
 
 Setup: `experiments.config.RLExperiment` with model `small_qwen2(vocab_size=512)` (random weights), prompts from the
 synthetic arithmetic source through the byte tokenizer rendered with a short R1-style template (`--template r1`:
@@ -64,7 +64,7 @@ def build(args):
     template = R1_TEMPLATE if args.template == "r1" else SHORT_TEMPLATE
     rewards = tuple(r for r in args.rewards.split(",") if r)
     return RLExperiment(
-        name="bench_grpo", model=small_qwen2(vocab_size=512), run_dir="",
+        name="bench_grpo", model=small_qwen2(vocab_size=512, n_layers=args.layers), run_dir="",
         prompts=DataConfig(kind="prompts", source="synthetic", tokenizer="byte", chat_template=template),
         grpo=GRPOConfig(num_generations=args.generations, prompts_per_step=args.prompts,
                         sampling=Sampling(max_new_tokens=args.new),
@@ -104,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--mu", type=int, default=2, help="num_iterations (passes over each rollout batch)")
     ap.add_argument("--mini-batches", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=6, help="small_qwen2's depth (6; 1 in the test's smoke run)")
     ap.add_argument("--max-prompt-len", type=int, default=64)
     ap.add_argument("--template", choices=("short", "r1"), default="short")
     ap.add_argument("--rewards", default="format,accuracy")
@@ -137,7 +138,7 @@ def main(argv=None):
     ref = jax.tree.map(jnp.copy, state["params"]) if g.beta > 0 else None
     rng = jax.random.key(exp.seed)
     header("bench.grpo", torch=args.trl)
-    print(f"small_qwen2 ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params), batch {algo.batch} = "
+    print(f"small_qwen2, {args.layers} layers ({sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.2f}M params), batch {algo.batch} = "
           f"{g.prompts_per_step} prompts x {g.num_generations}, prompt {exp.max_prompt_len}, {g.sampling.max_new_tokens} new "
           f"tokens, beta {g.beta}, mu {g.num_iterations}, {g.mini_batches} mini-batches, rewards {exp.rewards}, "
           f"off_policy_steps {g.off_policy_steps}",

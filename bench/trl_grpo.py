@@ -75,7 +75,7 @@ def time_trl(args, template: str) -> dict:
     steps_per_round = args.mu * args.mini_batches
     tmp = tempfile.mkdtemp(prefix="trl_grpo_")
     tokenizer = byte_tokenizer_hf()
-    model = hf_model(small_qwen2(vocab_size=512), train=True)
+    model = hf_model(small_qwen2(vocab_size=512, n_layers=args.layers), train=True)
     stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</answer>")]  # as our sampler's stop
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -126,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--mu", type=int, default=2)
     ap.add_argument("--mini-batches", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=6, help="small_qwen2's depth")
     args = ap.parse_args(argv)
     header("bench.trl_grpo", torch=True)
     out = time_trl(args, SHORT_TEMPLATE)

@@ -59,7 +59,8 @@ def test_grpo_tiny_against_trl(capsys):
     pytest.importorskip("trl")
     from bench import grpo
     grpo.main(["--iters", "1", "--prompts", "4", "--generations", "2", "--new", "4", "--mu", "2",
-               "--mini-batches", "1", "--max-prompt-len", "96", "--data", "8", "--trl"])  # the tests' 8 devices
+               "--mini-batches", "1", "--max-prompt-len", "96", "--data", "8", "--trl",  # the tests' 8 devices
+               "--layers", "1"])
     out = capsys.readouterr().out
     check_header(out, "grpo")
     assert "oneDNN" in out  # TRL's side (torch) kernel libraries are printed too

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.metadata import array_metadata_store  # the default handler's store (no public path)
+# the default handler's store, and the registry's `add` with ignore_warnings (no public path to either)
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization.type_handler_registry import GLOBAL_TYPE_HANDLER_REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,9 @@ log = logging.getLogger(__name__)
 # 1 MiB or more: a smaller slice costs more than it saves (a compiled slice program per shape and device, a dispatch;
 # the tiny pipeline test compiled 328 of them, ~11 s, on 8 CPU devices). Orbax's default handler, with that threshold.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
     array_metadata_store=array_metadata_store.Store(), min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES),
-    override=True)
+    override=True, ignore_warnings=True)
 
 
 class CheckpointError(RuntimeError):
