@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # two layers (dense, then MoE; MLA and MTP kept): compiling is most of this test's time, three processes at a time
@@ -29,12 +30,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _xla_flags(devices: int) -> str:
-    """The suite's XLA flags (tests/conftest.py) with this run's CPU device count in place of its 8."""
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"] * (devices > 1))
-
-
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("R1JAX_")}
     return {**env, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **extra}
@@ -44,7 +39,7 @@ def _start_two(args):
     port = _free_port()
     return [subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
-                             env=_env(XLA_FLAGS=_xla_flags(1), R1JAX_COORDINATOR=f"127.0.0.1:{port}",
+                             env=_env(XLA_FLAGS=xla_flags(1), R1JAX_COORDINATOR=f"127.0.0.1:{port}",
                                       R1JAX_NUM_PROCESSES="2", R1JAX_PROCESS_ID=str(i)))
             for i in range(2)]
 
@@ -64,7 +59,7 @@ def _start_one(args):
     single-threaded at this size, so running them together saves wall time)."""
     return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=_env(XLA_FLAGS=_xla_flags(2)))
+                            env=_env(XLA_FLAGS=xla_flags(2)))
 
 
 def _finish(p):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from xla_env import xla_flags
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -34,8 +35,7 @@ def test_ablation_notebook_runs_with_the_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("R1JAX_NOTEBOOK_RUN_ROOT", str(run_root))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))  # the suite's other flags (tests/conftest.py)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))  # the suite's other flags (tests/conftest.py)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
 
