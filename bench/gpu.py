@@ -27,7 +27,8 @@ In one process, on `--devices` devices (default 1) of the default backend:
    tokens / time (prefill included).
 Compile time = first call - median of the later calls (trace + lower + XLA compile, as a user waits for it).
 A step that runs out of device memory (RESOURCE_EXHAUSTED) is retried at half the batch (a '#' line says so;
-the table shows the batch that ran).
+the table shows the batch that ran). A part that fails otherwise prints its traceback and the next part still runs
+(the sampler needs the dense part); the exit status is then 1. `--attention-impl xla` measures without cuDNN.
 
 Prints the machine (CPU model via `bench.common.cpu_name()`, or the accelerator's `device_kind`), a markdown
 table, and one RESULT line per part (space-separated key=value; s = seconds, tok_s = tokens per second,
@@ -55,6 +56,7 @@ import argparse
 import gc
 import shlex
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +64,8 @@ import numpy as np
 
 from bench.common import cpu_name, first_and_median, kernel_libs
 from model import count_params, flops_per_token
-from model.config import ACCELERATOR_PRECISION, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from model.attention import resolve_impl
+from model.config import ACCELERATOR_PRECISION, ATTENTION_IMPLS, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from sharding import MeshConfig, make_mesh
 from train.config import LossConfig, OptimConfig
 from train.step import Trainer
@@ -91,10 +94,11 @@ def dense_config(args) -> ModelConfig:
     if args.tiny:
         return ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                            mlp_dim=128, max_seq_len=args.seq, scan_layers=args.scan, remat=args.remat,
-                           **ACCELERATOR_PRECISION)
+                           attention_impl=args.attention_impl, **ACCELERATOR_PRECISION)
     return ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
                        mlp_dim=5632, norm_eps=1e-5, rope=RopeConfig(theta=10000.0), max_seq_len=args.seq,
-                       scan_layers=args.scan, remat=args.remat, **ACCELERATOR_PRECISION)
+                       scan_layers=args.scan, remat=args.remat, attention_impl=args.attention_impl,
+                       **ACCELERATOR_PRECISION)
 
 
 def moe_config(args) -> ModelConfig:
@@ -104,7 +108,8 @@ def moe_config(args) -> ModelConfig:
                                          v_head_dim=16),
                            moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, experts_per_token=2, mlp_dim=32,
                                          first_k_dense=1, impl=args.moe_impl),
-                           max_seq_len=args.seq, scan_layers=args.scan, remat=args.remat, **ACCELERATOR_PRECISION)
+                           max_seq_len=args.seq, scan_layers=args.scan, remat=args.remat,
+                           attention_impl=args.attention_impl, **ACCELERATOR_PRECISION)
     return ModelConfig(vocab_size=32000, d_model=2048, n_layers=12, n_heads=16, mlp_dim=5632, norm_eps=1e-6,
                        mla=MLAConfig(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
                                      v_head_dim=128),
@@ -112,7 +117,7 @@ def moe_config(args) -> ModelConfig:
                                      mlp_dim=1024, first_k_dense=1, score_func="sigmoid", n_groups=1, topk_groups=1,
                                      impl=args.moe_impl),
                        mtp_depth=0, max_seq_len=args.seq, scan_layers=args.scan, remat=args.remat,
-                       **ACCELERATOR_PRECISION)
+                       attention_impl=args.attention_impl, **ACCELERATOR_PRECISION)
 
 
 # ---- parts ---------------------------------------------------------------------------------------------------
@@ -185,6 +190,23 @@ def sampler_part(cfg: ModelConfig, params, mesh, batch: int, prompt: int, new: i
 
 # ---- main ----------------------------------------------------------------------------------------------------
 
+def train_result(part: str, cfg: ModelConfig, r: dict, peak: float, nominal: float | None,
+                 devices: int) -> tuple[dict, tuple]:
+    """-> (RESULT fields, table row) of a `train_part` row."""
+    mfu = r["flops_per_token"] * r["tok_s"] / (peak * 1e12 * devices)
+    f = {f"gpu_{part}_tok_s": r["tok_s"], f"gpu_{part}_mfu": mfu, f"gpu_{part}_step_s": r["step_s"],
+         f"gpu_{part}_compile_s": r["compile_s"]}
+    if nominal:
+        f[f"gpu_{part}_mfu_nominal"] = r["flops_per_token"] * r["tok_s"] / (nominal * 1e12 * devices)
+    p = r["params"]
+    size = _count(p["total"]) + (f" ({_count(p['active'])} active)" if p["active"] != p["total"] else "")
+    row = (f"{part} train step ({size}, {cfg.moe.impl if cfg.moe else 'dense'}, {resolve_impl(cfg)} attention)",
+           f"batch {r['batch']} x seq {r['seq']}", f"{r['tok_s']:,.0f} tok/s, {r['step_s'] * 1e3:.1f} ms",
+           f"{mfu:.1%}" + (f" ({f[f'gpu_{part}_mfu_nominal']:.1%} of datasheet)" if nominal else ""),
+           f"{r['compile_s']:.1f} s")
+    return f, row
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test (< 60 s on 2 cores)")
@@ -197,6 +219,8 @@ def parse(argv=None):
     p.add_argument("--moe-experts", type=int, default=32, help="routed experts of the MoE config (16 for 80 GB)")
     p.add_argument("--steps", type=int, default=None, help="timed train steps after the first (8; tiny 2)")
     p.add_argument("--remat", default="none", choices=("none", "block", "dots"))
+    p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
+                   help="ModelConfig.attention_impl (auto: cuDNN flash on GPU, the blocked kernel on CPU)")
     p.add_argument("--no-scan", dest="scan", action="store_false", help="unrolled layers (scan_layers=False)")
     p.add_argument("--sampler-batch", type=int, default=None, help="sampler rows (256; tiny 8)")
     p.add_argument("--prompt", type=int, default=None, help="sampler prompt tokens (128; tiny 4)")
@@ -251,34 +275,38 @@ def main(argv=None) -> dict:
           + (f"; datasheet {nominal:.1f} TFLOP/s ({peak / nominal:.0%})" if nominal else ""), flush=True)
     print(result_line(results), flush=True)
 
+    failed = []
     for part in ("dense", "moe"):
         if part not in a.parts and not (part == "dense" and "sampler" in a.parts):
             continue
         cfg = dense_config(a) if part == "dense" else moe_config(a)
-        r = train_part(cfg, a.dense_batch if part == "dense" else a.moe_batch, a.seq, a.steps, mesh)
+        try:  # a part that breaks is reported and the next one still runs: the first GPU run is one call
+            r = train_part(cfg, a.dense_batch if part == "dense" else a.moe_batch, a.seq, a.steps, mesh)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            failed += [part] + (["sampler"] if part == "dense" and "sampler" in a.parts else [])
+            gc.collect()
+            continue
         params = r.pop("trained_params")
         if part in a.parts:
-            mfu = r["flops_per_token"] * r["tok_s"] / (peak * 1e12 * a.devices)
-            f = {f"gpu_{part}_tok_s": r["tok_s"], f"gpu_{part}_mfu": mfu, f"gpu_{part}_step_s": r["step_s"],
-                 f"gpu_{part}_compile_s": r["compile_s"]}
-            if nominal:
-                f[f"gpu_{part}_mfu_nominal"] = r["flops_per_token"] * r["tok_s"] / (nominal * 1e12 * a.devices)
+            f, row = train_result(part, cfg, r, peak, nominal, a.devices)
             results.update(f)
-            p = r["params"]
-            size = _count(p["total"]) + (f" ({_count(p['active'])} active)" if p["active"] != p["total"] else "")
-            rows.append((f"{part} train step ({size}, {cfg.moe.impl if cfg.moe else 'dense'})",
-                         f"batch {r['batch']} x seq {r['seq']}", f"{r['tok_s']:,.0f} tok/s, {r['step_s'] * 1e3:.1f} ms",
-                         f"{mfu:.1%}" + (f" ({f[f'gpu_{part}_mfu_nominal']:.1%} of datasheet)" if nominal else ""),
-                         f"{r['compile_s']:.1f} s"))
+            rows.append(row)
             print(result_line(f), flush=True)
         if part == "dense" and "sampler" in a.parts:  # on the trained dense params, freed before the MoE state
-            r = sampler_part(cfg, params, mesh, a.sampler_batch, a.prompt, a.new, runs=3)
-            f = {"gpu_sampler_tok_s": r["tok_s"], "gpu_sampler_compile_s": r["compile_s"]}
-            results.update(f)
-            rows.append(("sampler (dense, rl.sampler.generate)",
-                         f"batch {r['batch']}, prompt {r['prompt']} + {r['new']} new",
-                         f"{r['tok_s']:,.0f} new tok/s, {r['gen_s'] * 1e3:.0f} ms/call", "", f"{r['compile_s']:.1f} s"))
-            print(result_line(f), flush=True)
+            try:
+                r = sampler_part(cfg, params, mesh, a.sampler_batch, a.prompt, a.new, runs=3)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+                failed.append("sampler")
+            else:
+                f = {"gpu_sampler_tok_s": r["tok_s"], "gpu_sampler_compile_s": r["compile_s"]}
+                results.update(f)
+                rows.append(("sampler (dense, rl.sampler.generate)",
+                             f"batch {r['batch']}, prompt {r['prompt']} + {r['new']} new",
+                             f"{r['tok_s']:,.0f} new tok/s, {r['gen_s'] * 1e3:.0f} ms/call", "",
+                             f"{r['compile_s']:.1f} s"))
+                print(result_line(f), flush=True)
         del params
         gc.collect()
 
@@ -287,6 +315,9 @@ def main(argv=None) -> dict:
         print("| " + " | ".join(row) + " |")
     print(f"\ncommand: python -m bench.gpu {shlex.join(argv if argv is not None else sys.argv[1:])}"
           f"\n# total {time.perf_counter() - t_start:.0f} s", flush=True)
+    if failed:
+        raise SystemExit(f"bench.gpu: {', '.join(failed)} failed (tracebacks above); the other parts' RESULT lines "
+                         f"stand")
     return results
 
 

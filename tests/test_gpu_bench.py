@@ -47,3 +47,24 @@ def test_scan_bench_tiny(capsys):
     # the unrolled program grows with depth, the scanned one does not
     assert fields["scan_hlo_lines_unrolled"] > fields["scan_hlo_lines_scanned"]
     assert fields["scan_dots_unrolled"] > fields["scan_dots_scanned"]
+
+
+def test_gpu_bench_reports_a_broken_part_and_runs_the_next(capsys, monkeypatch):
+    """One part raising (here the dense train step) costs that part and the sampler that needs its parameters, not
+    the MoE part after it; the run then exits 1 naming what failed. The train step itself is replaced: this checks
+    main's control flow, test_gpu_bench_tiny the measurements."""
+    def train_part(cfg, batch, seq, steps, mesh):
+        if cfg.moe is None:
+            raise RuntimeError("injected dense failure")
+        return {"batch": batch, "seq": seq, "step_s": 0.5, "compile_s": 2.0, "tok_s": batch * seq / 0.5,
+                "flops_per_token": 1e6, "params": {"total": 200, "active": 100}, "loss": 1.0, "trained_params": {}}
+
+    monkeypatch.setattr(gpu, "train_part", train_part)
+    with pytest.raises(SystemExit, match="bench.gpu: dense, sampler failed"):
+        gpu.main(["--tiny", "--peak-n", "64"])
+    captured = capsys.readouterr()
+    fields = _result_fields(captured.out)
+    assert "injected dense failure" in captured.err
+    assert fields["gpu_moe_tok_s"] == 2 * 32 / 0.5 and "gpu_peak_tflops" in fields
+    assert not any(k.startswith(("gpu_dense", "gpu_sampler")) for k in fields)
+    assert "| moe train step" in captured.out and "| dense train step" not in captured.out
