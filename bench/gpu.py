@@ -12,7 +12,8 @@ In one process, on `--devices` devices (default 1) of the default backend:
    64, SwiGLU 5632, vocab 32000, untied), float32 master weights and AdamW moments with bf16 compute
    (`model.config.ACCELERATOR_PRECISION`), layers scanned (`scan_layers`), `attention_impl='auto'` (cuDNN flash on
    GPU). `train.step.Trainer` over `sharding.make_mesh(MeshConfig(data=devices))`, random tokens [batch, seq]
-   (batch 8 per device, seq 4096); the first step is timed on its own (trace + compile + one step), then
+   (batch 4 per device, seq 4096: at 8 the step keeps ~120 GiB, more than jax's default 75 % of an H200; counted
+   from the backward's residuals, `jax.vjp`); the first step is timed on its own (trace + compile + one step), then
    `--steps` steps, each blocked on the new state. tokens/s = batch*seq / median step;
    MFU = `model.flops_per_token(cfg, seq)` (6 x matmul params + full T x T attention, PaLM's convention)
    * tokens/s / (measured peak * devices).
@@ -213,7 +214,7 @@ def parse(argv=None):
     p.add_argument("--parts", default="dense,moe,sampler", help="comma-separated subset of dense,moe,sampler")
     p.add_argument("--devices", type=int, default=1, help="data-parallel mesh over this many local devices")
     p.add_argument("--seq", type=int, default=None, help="training sequence length (4096; tiny 32)")
-    p.add_argument("--dense-batch", type=int, default=None, help="dense global batch (8 per device; tiny 2)")
+    p.add_argument("--dense-batch", type=int, default=None, help="dense global batch (4 per device; tiny 2)")
     p.add_argument("--moe-batch", type=int, default=None, help="MoE global batch (4 per device; tiny 2)")
     p.add_argument("--moe-impl", default="dropless", choices=("dropless", "capacity"))
     p.add_argument("--moe-experts", type=int, default=32, help="routed experts of the MoE config (16 for 80 GB)")
@@ -227,7 +228,7 @@ def parse(argv=None):
     p.add_argument("--new", type=int, default=None, help="sampler new tokens per row (256; tiny 4)")
     p.add_argument("--peak-n", type=int, default=None, help="matmul size of the peak measurement (8192; tiny 256)")
     a = p.parse_args(argv)
-    big, tiny = dict(seq=4096, dense_batch=8, moe_batch=4, steps=8, sampler_batch=256, prompt=128, new=256,
+    big, tiny = dict(seq=4096, dense_batch=4, moe_batch=4, steps=8, sampler_batch=256, prompt=128, new=256,
                      peak_n=8192), dict(seq=32, dense_batch=2, moe_batch=2, steps=2, sampler_batch=8, prompt=4, new=4,
                                         peak_n=256)
     for k, v in (tiny if a.tiny else big).items():

@@ -77,8 +77,10 @@ def _mlp_bytes(cfg, moe_layer: bool, policy: str, t: int, beta: int, rows: float
         return beta * ((rows + 1) * d + (rows + s) * 2 * fe / t) + 4 * e
     if m.impl == "dense":  # x enters once, the expert sum is inside the matmul
         return beta * (d + (DENSE_MOE_TENSORS * rows + SWIGLU_TENSORS * s) * fe / t) + 8 * e
-    # the flat input, each expert row's input, the k rows gathered back to combine; fp32 router scores
-    return beta * ((1 + rows + k) * d + SWIGLU_TENSORS * (rows + s) * fe / t) + 8 * e
+    # the flat input, each expert row's input, the k rows gathered back to combine; fp32 router scores. Dropless on
+    # one device keeps only each row's gate/up outputs (model.dispatch recomputes the rest and the block weights)
+    routed = 2 if m.impl == "dropless" and expert == 1 else SWIGLU_TENSORS
+    return beta * ((1 + rows + k) * d + (routed * rows + SWIGLU_TENSORS * s) * fe / t) + 8 * e
 
 
 def layer_activation_bytes(cfg, moe_layer: bool, policy: str, tensor: int = 1, tokens: float | None = None,

@@ -38,11 +38,13 @@ axes; a -1 axis takes the rest):
                      attention  MLA: β·(q_lora + kv_lora + 2·rope) (projection outputs) + β·H·(2·d_qk + 2·d_v)/t
                                     (q, k, v, output) + 4H/t (fp32 log-sum-exp); GQA: β·(2H + 2H_kv)·hd/t + 4H/t
                      dense MLP  β·6f/t  (SwiGLU: gate and up outputs, silu's input/sigmoid/output, the product)
-                     MoE        β·((1 + r + k)·d + 6·(r + s)·f_e/t) + 8E  (the flat input, r expert rows per
-                                    token in, the k rows gathered to combine; SwiGLU per row and per shared expert;
+                     MoE        β·((1 + r + k)·d + (2r + 6s)·f_e/t) + 8E  (the flat input, r expert rows per
+                                    token in, the k rows gathered to combine; gate/up outputs per row (6r for
+                                    capacity and expert-parallel dispatch), the SwiGLU set per shared expert;
                                     fp32 router scores). 'dense': β·(d + (8r + 6s)·f_e/t) + 8E (+ the repeated
                                     gate weights and the gated product per row)
-      remat='dots'   the layer input plus matmul outputs only (jax.checkpoint_policies.dots_saveable):
+      remat='dots'   the layer input plus the projections' outputs (matmuls without batch dimensions) and the
+                     routed experts' gate/up outputs (model.transformer._REMAT_POLICIES):
                      attention  β·(2d + [MLA: q_lora + kv_lora + rope]) + β·[MLA: H·(d_qk + d_nope + d_v) |
                                     GQA: (H + 2·H_kv)·hd]/t   (layer input, o_proj output, projection outputs)
                      dense MLP  β·(d + 2f/t);  MoE  β·((r+1)·d + (r+s)·2f_e/t) + 4E

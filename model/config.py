@@ -208,7 +208,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     max_seq_len: int = 4096
-    remat: str = "none"  # 'none' | 'block' (recompute each block) | 'dots' (save matmul outputs only)
+    # 'none' | 'block' (recompute each block) | 'dots' (save the projections' and experts' matmul outputs; attention
+    # and the elementwise ops are recomputed: model.transformer._REMAT_POLICIES)
+    remat: str = "none"
     attention_impl: str = "auto"  # training/prefill kernel, one of ATTENTION_IMPLS (model.attention.resolve_impl)
     # stack the dense prefix and the MoE body and run each as one lax.scan (model/transformer.py): the compiled
     # program stays one layer deep whatever n_layers is; off by default (README: measured on the CPU presets)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def sorted_pairs(idx, n_experts: int):
@@ -109,10 +110,26 @@ def combine(out_rows, pair_row, weights):
     return jnp.einsum("nk,nkd->nd", weights.astype(out_rows.dtype), pad[pair_row])
 
 
+# names of the expert FFN's gate and up outputs [G, B, f]: what the backward keeps of it (`dropless_moe`, and
+# model.transformer's remat='dots' policy); the product and silu are recomputed from them
+EXPERT_SAVED = ("expert_gate", "expert_up")
+
+
 def expert_ffn(xb, gate, up, down):
     """SwiGLU per group: xb [G, B, d], gate/up [G, d, f], down [G, f, d] -> [G, B, d] (batched matmuls)."""
-    h = jax.nn.silu(jnp.einsum("gbd,gdf->gbf", xb, gate)) * jnp.einsum("gbd,gdf->gbf", xb, up)
-    return jnp.einsum("gbf,gfd->gbd", h, down)
+    g = checkpoint_name(jnp.einsum("gbd,gdf->gbf", xb, gate), EXPERT_SAVED[0])
+    u = checkpoint_name(jnp.einsum("gbd,gdf->gbf", xb, up), EXPERT_SAVED[1])
+    return jnp.einsum("gbf,gfd->gbd", jax.nn.silu(g) * u, down)
+
+
+def _block_ffn(xb, block_expert, gate, up, down):
+    return expert_ffn(xb, gate[block_expert], up[block_expert], down[block_expert])
+
+
+# the per-block weight copies [R/block, d, f] are gathered again in the backward instead of being kept from the
+# forward: kept, they were the largest residual of a training step (3 x 4 GiB per layer for 16k tokens of
+# bench/gpu.py's MoE, ~15x the block's activations)
+_block_ffn_remat = jax.checkpoint(_block_ffn, policy=jax.checkpoint_policies.save_only_these_names(*EXPERT_SAVED))
 
 
 def capacity_moe(x, weights, idx, gate, up, down, capacity: int):
@@ -132,7 +149,7 @@ def dropless_moe(x, weights, idx, gate, up, down, block: int | None = None):
     block = block or block_size(n * k, e)
     row_token, pair_row, block_expert = block_layout(idx, e, block)
     xb = gather_rows(x, row_token).reshape(-1, block, d)
-    out = expert_ffn(xb, gate[block_expert], up[block_expert], down[block_expert])
+    out = _block_ffn_remat(xb, block_expert, gate, up, down)
     return combine(out.reshape(-1, d), pair_row, weights)
 
 

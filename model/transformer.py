@@ -29,13 +29,19 @@ from flax import nnx
 
 from model.attention import Attention, attention_mask
 from model.config import ModelConfig
+from model.dispatch import EXPERT_SAVED
 from model.layers import MLP, Dense, Embed, KeyGen, RMSNorm, dtype_of, linear
 from model.mla import MLA
 from model.moe import MoE, RouterBias, bias_update
 from model.rope import rope_tables
 from sharding.rules import constrain
 
-_REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_saveable}
+# 'dots': the outputs of matmuls without batch dimensions (the projections) and the routed experts' gate/up
+# outputs; attention's batched score products are recomputed (dots_saveable kept them: [T, T] per head, more
+# than no remat at all with the XLA or blocked kernels). MaxText's 'minimal' plus the expert FFN's inputs.
+_REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(*EXPERT_SAVED))}
 _ACT = ("batch", "seq", "act_embed")
 
 

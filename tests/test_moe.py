@@ -190,3 +190,45 @@ def test_bad_moe_config_errors_name_the_field():
     cfg = tiny_deepseek(moe=MoEConfig(n_routed_experts=12, n_groups=1, topk_groups=1))
     with pytest.raises(ConfigError, match=r"moe.n_routed_experts: n_routed_experts=12: .*expert = 8"):
         Trainer(cfg, OptimConfig(), LossConfig(), make_mesh(MeshConfig(data=1, expert=8)))
+
+
+def _residual_shapes(f, *args):
+    """Shapes of what the backward of f keeps from its forward (the leaves of jax.vjp's closure); nothing runs."""
+    return [tuple(x.shape) for x in jax.tree.leaves(jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *args))]
+
+
+def test_dropless_backward_keeps_rows_not_per_block_weight_copies():
+    # 64 tokens x top-2 of 4 experts, d 64, f 128: block 8 -> 20 blocks, each with its expert's weights gathered
+    # ([20, 64, 128] per weight, 8x the [160, 128] rows). The backward gathers them again instead of keeping them.
+    from model.dispatch import block_rows, block_size, dropless_moe
+    n, k, e, d, f = 64, 2, 4, 64, 128
+    rs = np.random.RandomState(0)
+    x, w = jnp.asarray(rs.normal(size=(n, d)), jnp.float32), jnp.asarray(rs.uniform(size=(n, k)), jnp.float32)
+    idx = jnp.asarray(np.stack([rs.permutation(e)[:k] for _ in range(n)]), jnp.int32)
+    gate, up, down = (jnp.asarray(rs.normal(size=s) / 8, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d)))
+    block = block_size(n * k, e)
+    blocks = block_rows(n * k, e, block) // block
+    assert (block, blocks) == (8, 20)
+    shapes = _residual_shapes(lambda x, g, u, dn: dropless_moe(x, w, idx, g, u, dn), x, gate, up, down)
+    assert not [s for s in shapes if s[0] == blocks and s[1:] in ((d, f), (f, d))], shapes
+    assert (blocks, block, f) in shapes  # the gate/up outputs are kept (their product is recomputed)
+
+
+def test_remat_dots_keeps_projections_not_attention_scores():
+    """remat='dots' saves matmul outputs without batch dimensions: the [T, T] score products of the XLA attention
+    kernel are recomputed (jax's dots_saveable kept them, more than no remat at all)."""
+    t = 64
+    cfg = tiny_deepseek(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_dim=64, mtp_depth=0, max_seq_len=t,
+                        moe=dataclasses.replace(MOE, impl="dropless"), attention_impl="xla")
+    params = init_params(cfg, 0)
+    tokens = _tokens(2, t)
+
+    def sizes(remat):
+        c = cfg.replace(remat=remat)
+        shapes = _residual_shapes(lambda p: jnp.sum(forward(c, p, tokens)[0]), params)
+        return shapes, sum(int(np.prod(s)) for s in shapes)
+
+    (none_shapes, none), (dots_shapes, dots), (_, block) = sizes("none"), sizes("dots"), sizes("block")
+    assert any(s[-2:] == (t, t) for s in none_shapes)
+    assert not any(s[-2:] == (t, t) for s in dots_shapes), dots_shapes
+    assert block < dots < none / 2, (block, dots, none)
