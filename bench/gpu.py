@@ -12,8 +12,8 @@ In one process, on `--devices` devices (default 1) of the default backend:
    64, SwiGLU 5632, vocab 32000, untied), float32 master weights and AdamW moments with bf16 compute
    (`model.config.ACCELERATOR_PRECISION`), layers scanned (`scan_layers`), `attention_impl='auto'` (cuDNN flash on
    GPU). `train.step.Trainer` over `sharding.make_mesh(MeshConfig(data=devices))`, random tokens [batch, seq]
-   (batch 4 per device, seq 4096: at 8 the step keeps ~120 GiB, more than jax's default 75 % of an H200; counted
-   from the backward's residuals, `jax.vjp`); the first step is timed on its own (trace + compile + one step), then
+   (batch 4 per device, seq 4096: at 8 the step holds ~105 GiB, jax's default 75 % of an H200; counted from the
+   backward's residuals, `jax.vjp`); the first step is timed on its own (trace + compile + one step), then
    `--steps` steps, each blocked on the new state. tokens/s = batch*seq / median step;
    MFU = `model.flops_per_token(cfg, seq)` (6 x matmul params + full T x T attention, PaLM's convention)
    * tokens/s / (measured peak * devices).

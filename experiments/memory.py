@@ -14,7 +14,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # keeps 6 f-sized tensors (gate and up outputs, silu's input, sigmoid and output, the product), the dense MoE
 # 8 per expert row (plus its repeated gate weights and the gated product).
 
-SWIGLU_TENSORS = 6
+SWIGLU_TENSORS = 3  # model.layers.MLP: gate and up outputs and the product (silu recomputed: swiglu)
+EXPERT_FFN_TENSORS = 6  # model.dispatch.expert_ffn outside dropless: + silu's input/sigmoid/output
 DENSE_MOE_TENSORS = 8
 
 
@@ -79,7 +80,7 @@ def _mlp_bytes(cfg, moe_layer: bool, policy: str, t: int, beta: int, rows: float
         return beta * (d + (DENSE_MOE_TENSORS * rows + SWIGLU_TENSORS * s) * fe / t) + 8 * e
     # the flat input, each expert row's input, the k rows gathered back to combine; fp32 router scores. Dropless on
     # one device keeps only each row's gate/up outputs (model.dispatch recomputes the rest and the block weights)
-    routed = 2 if m.impl == "dropless" and expert == 1 else SWIGLU_TENSORS
+    routed = 2 if m.impl == "dropless" and expert == 1 else EXPERT_FFN_TENSORS
     return beta * ((1 + rows + k) * d + (routed * rows + SWIGLU_TENSORS * s) * fe / t) + 8 * e
 
 

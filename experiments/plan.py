@@ -37,11 +37,11 @@ axes; a -1 axis takes the rest):
                      stream β·2d;
                      attention  MLA: β·(q_lora + kv_lora + 2·rope) (projection outputs) + β·H·(2·d_qk + 2·d_v)/t
                                     (q, k, v, output) + 4H/t (fp32 log-sum-exp); GQA: β·(2H + 2H_kv)·hd/t + 4H/t
-                     dense MLP  β·6f/t  (SwiGLU: gate and up outputs, silu's input/sigmoid/output, the product)
-                     MoE        β·((1 + r + k)·d + (2r + 6s)·f_e/t) + 8E  (the flat input, r expert rows per
+                     dense MLP  β·3f/t  (SwiGLU: gate and up outputs and the product; silu is recomputed)
+                     MoE        β·((1 + r + k)·d + (2r + 3s)·f_e/t) + 8E  (the flat input, r expert rows per
                                     token in, the k rows gathered to combine; gate/up outputs per row (6r for
                                     capacity and expert-parallel dispatch), the SwiGLU set per shared expert;
-                                    fp32 router scores). 'dense': β·(d + (8r + 6s)·f_e/t) + 8E (+ the repeated
+                                    fp32 router scores). 'dense': β·(d + (8r + 3s)·f_e/t) + 8E (+ the repeated
                                     gate weights and the gated product per row)
       remat='dots'   the layer input plus the projections' outputs (matmuls without batch dimensions) and the
                      routed experts' gate/up outputs (model.transformer._REMAT_POLICIES):

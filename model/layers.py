@@ -116,7 +116,14 @@ class MLP(nnx.Module):
         self.down_proj = Dense(mlp_dim, cfg.d_model, ("mlp", "embed"), cfg, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@jax.checkpoint
+def swiglu(g, u):
+    """silu(g) * u, [..., f]. Under jax.checkpoint the backward keeps only g and u (silu's input, sigmoid, output
+    and the product would be four more [tokens, f] tensors) and recomputes the elementwise rest."""
+    return jax.nn.silu(g) * u
 
 
 class Embed(nnx.Module):

@@ -662,3 +662,16 @@ def test_rope_table_equals_the_in_program_tables(case, monkeypatch):
     far = jnp.asarray([[299, 300]], jnp.int32)
     cos = np.asarray(rope_mod.rope_tables(rope, dim, 256, far, min_rows=300)[0])
     assert np.isfinite(cos[0, 0]).all() and np.isnan(cos[0, 1]).all()
+
+
+def test_swiglu_backward_keeps_gate_up_and_product_only():
+    """Per layer the MLP's backward keeps three [tokens, f] tensors: gate and up outputs (silu and the product are
+    recomputed from them) and the down projection's input; without `model.layers.swiglu`'s checkpoint it kept six."""
+    f, t = 96, 24
+    cfg = small_qwen2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=f,
+                      max_seq_len=t)
+    params = model.init_params(cfg, 0)
+    tokens = jnp.zeros((2, t), jnp.int32)
+    kept = jax.eval_shape(lambda p: jax.vjp(lambda q: jnp.sum(model.forward(cfg, q, tokens)[0]), p)[1], params)
+    per_token_f = [x.shape for x in jax.tree.leaves(kept) if x.shape[-1] == f and math.prod(x.shape) == 2 * t * f]
+    assert len(per_token_f) == 3 * cfg.n_layers, per_token_f
