@@ -20,7 +20,9 @@ DENSE_MOE_TENSORS = 8
 
 
 def _norm(width: float, beta: int) -> float:
-    return (4 + beta) * width
+    """An RMSNorm keeps its input (counted where it is made) and its output; float32 statistics are recomputed
+    (model.layers.rms_norm)."""
+    return beta * width
 
 
 def _attn_bytes(cfg, policy: str, t: int, beta: int) -> float:

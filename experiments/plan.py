@@ -33,7 +33,7 @@ axes; a -1 axis takes the rest):
   `tensor` axis size t.
 
       remat='none'   what the code keeps (jax's saved residuals, counted per tensor in experiments/memory.py):
-                     every RMSNorm its fp32 normalised input and its output ((4 + β)·width), the residual
+                     every RMSNorm its output (β·width; its float32 statistics are recomputed), the residual
                      stream β·2d;
                      attention  MLA: β·(q_lora + kv_lora + 2·rope) (projection outputs) + β·H·(2·d_qk + 2·d_v)/t
                                     (q, k, v, output) + 4H/t (fp32 log-sum-exp); GQA: β·(2H + 2H_kv)·hd/t + 4H/t

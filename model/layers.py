@@ -6,6 +6,8 @@ Every parameter is an `nnx.Param` carrying `axes`, a tuple of logical axis names
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -54,9 +56,17 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * y).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def rms_norm(x, scale, eps: float):
+    """x [..., dim] / rms(x) * scale [dim], in float32, returned in x.dtype. Under jax.checkpoint the backward keeps
+    x alone (in bf16 compute, the float32 copy of x and the normalised float32 y were two [tokens, dim] float32
+    tensors per norm) and recomputes the statistics."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * y).astype(x.dtype)
 
 
 def linear(x, w, preferred_element_type=None):

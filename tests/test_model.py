@@ -675,3 +675,17 @@ def test_swiglu_backward_keeps_gate_up_and_product_only():
     kept = jax.eval_shape(lambda p: jax.vjp(lambda q: jnp.sum(model.forward(cfg, q, tokens)[0]), p)[1], params)
     per_token_f = [x.shape for x in jax.tree.leaves(kept) if x.shape[-1] == f and math.prod(x.shape) == 2 * t * f]
     assert len(per_token_f) == 3 * cfg.n_layers, per_token_f
+
+
+def test_rms_norm_backward_keeps_no_float32_activations_in_bf16_compute():
+    """model.layers.rms_norm computes in float32 but its backward keeps only its bf16 input: no [batch, seq, d]
+    float32 tensor survives to the backward of a bf16-compute model (two per norm before the checkpoint)."""
+    from model.config import ACCELERATOR_PRECISION
+    t = 24
+    cfg = small_qwen2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=96,
+                      max_seq_len=t, **ACCELERATOR_PRECISION)
+    params = model.init_params(cfg, 0)
+    tokens = jnp.zeros((2, t), jnp.int32)
+    kept = jax.eval_shape(lambda p: jax.vjp(lambda q: jnp.sum(model.forward(cfg, q, tokens)[0]), p)[1], params)
+    acts = [(x.shape, x.dtype) for x in jax.tree.leaves(kept) if x.shape[-1] == cfg.d_model and t in x.shape]
+    assert acts and all(d == jnp.bfloat16 for _, d in acts), acts
