@@ -9,10 +9,11 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ---- activations ---------------------------------------------------------------------------------------
 # The per-tensor counts below are what `jax.ad_checkpoint` (saved_residuals) reports this code keeps for the
-# backward pass under remat='none' (tiny DeepSeek-V3, measured when this file was written): every RMSNorm keeps
-# its fp32 normalised input and its output (4 + β bytes per element, fp32 whatever the compute dtype), SwiGLU
-# keeps 6 f-sized tensors (gate and up outputs, silu's input, sigmoid and output, the product), the dense MoE
-# 8 per expert row (plus its repeated gate weights and the gated product).
+# backward pass under remat='none': every RMSNorm its input and output (model.layers.rms_norm recomputes its fp32
+# statistics), the MLP's SwiGLU 3 f-sized tensors (gate and up outputs, the product: model.layers.swiglu), the
+# routed experts' SwiGLU 6 (+ silu's input, sigmoid and output) except dropless on one device (gate and up only:
+# model.dispatch), the dense MoE 8 per expert row (plus its repeated gate weights and the gated product).
+# Checked 2026-12-03 with `jax.vjp`'s residuals at bench/gpu.py's sizes (docs/benchmarks.md).
 
 SWIGLU_TENSORS = 3  # model.layers.MLP: gate and up outputs and the product (silu recomputed: swiglu)
 EXPERT_FFN_TENSORS = 6  # model.dispatch.expert_ffn outside dropless: + silu's input/sigmoid/output

@@ -38,7 +38,7 @@ from sharding.rules import constrain
 
 # 'dots': the outputs of matmuls without batch dimensions (the projections) and the routed experts' gate/up
 # outputs; attention's batched score products are recomputed (dots_saveable kept them: [T, T] per head, more
-# than no remat at all with the XLA or blocked kernels). MaxText's 'minimal' plus the expert FFN's inputs.
+# than no remat at all with the XLA or blocked kernels). MaxText's 'minimal' plus the routed experts' gate/up outputs (batched dots).
 _REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     jax.checkpoint_policies.save_only_these_names(*EXPERT_SAVED))}
