@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from residuals import kept_for_backward
 
 import model
 from model.config import (MLAConfig, ModelConfig, MoEConfig, RopeConfig, deepseek_v3_671b, qwen2_5_0_5b,
@@ -664,16 +665,20 @@ def test_rope_table_equals_the_in_program_tables(case, monkeypatch):
     assert np.isfinite(cos[0, 0]).all() and np.isnan(cos[0, 1]).all()
 
 
+def _kept_by_small_qwen2(**overrides):
+    """(cfg, residuals of a 2-layer small_qwen2's forward at batch 2 x seq 24): mlp_dim 96, d_model 32."""
+    cfg = small_qwen2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=96,
+                      max_seq_len=24, **overrides)
+    tokens = jnp.zeros((2, 24), jnp.int32)
+    return cfg, kept_for_backward(lambda p: jnp.sum(model.forward(cfg, p, tokens)[0]), model.init_params(cfg, 0))
+
+
 def test_swiglu_backward_keeps_gate_up_and_product_only():
     """Per layer the MLP's backward keeps three [tokens, f] tensors: gate and up outputs (silu and the product are
     recomputed from them) and the down projection's input; without `model.layers.swiglu`'s checkpoint it kept six."""
-    f, t = 96, 24
-    cfg = small_qwen2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=f,
-                      max_seq_len=t)
-    params = model.init_params(cfg, 0)
-    tokens = jnp.zeros((2, t), jnp.int32)
-    kept = jax.eval_shape(lambda p: jax.vjp(lambda q: jnp.sum(model.forward(cfg, q, tokens)[0]), p)[1], params)
-    per_token_f = [x.shape for x in jax.tree.leaves(kept) if x.shape[-1] == f and math.prod(x.shape) == 2 * t * f]
+    cfg, kept = _kept_by_small_qwen2()
+    f = cfg.mlp_dim
+    per_token_f = [x.shape for x in kept if x.shape[-1] == f and math.prod(x.shape) == 2 * 24 * f]
     assert len(per_token_f) == 3 * cfg.n_layers, per_token_f
 
 
@@ -681,11 +686,6 @@ def test_rms_norm_backward_keeps_no_float32_activations_in_bf16_compute():
     """model.layers.rms_norm computes in float32 but its backward keeps only its bf16 input: no [batch, seq, d]
     float32 tensor survives to the backward of a bf16-compute model (two per norm before the checkpoint)."""
     from model.config import ACCELERATOR_PRECISION
-    t = 24
-    cfg = small_qwen2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=96,
-                      max_seq_len=t, **ACCELERATOR_PRECISION)
-    params = model.init_params(cfg, 0)
-    tokens = jnp.zeros((2, t), jnp.int32)
-    kept = jax.eval_shape(lambda p: jax.vjp(lambda q: jnp.sum(model.forward(cfg, q, tokens)[0]), p)[1], params)
-    acts = [(x.shape, x.dtype) for x in jax.tree.leaves(kept) if x.shape[-1] == cfg.d_model and t in x.shape]
+    cfg, kept = _kept_by_small_qwen2(**ACCELERATOR_PRECISION)
+    acts = [(x.shape, x.dtype) for x in kept if x.shape[-1] == cfg.d_model and 24 in x.shape]
     assert acts and all(d == jnp.bfloat16 for _, d in acts), acts

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from residuals import kept_for_backward
 
 from model import ConfigError, forward, init_params
 from model.config import MoEConfig, tiny_deepseek
@@ -193,8 +194,7 @@ def test_bad_moe_config_errors_name_the_field():
 
 
 def _residual_shapes(f, *args):
-    """Shapes of what the backward of f keeps from its forward (the leaves of jax.vjp's closure); nothing runs."""
-    return [tuple(x.shape) for x in jax.tree.leaves(jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *args))]
+    return [tuple(x.shape) for x in kept_for_backward(f, *args)]
 
 
 def test_dropless_backward_keeps_rows_not_per_block_weight_copies():
