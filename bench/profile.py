@@ -82,12 +82,15 @@ def train_kind(name: str, desc: str, cfg, batch: int, seq: int) -> tuple[str, st
         comp = "attention core"
     elif "edf" in on or "efd" in on or "enf" in on or moe_shape:
         comp = "MoE routed experts (computed densely, all experts)"
+    elif "gbd,gdf" in on or "gbf,gfd" in on:  # model.dispatch's dropless blocks [R/block, block, d]
+        comp = "MoE routed experts (dropless blocks)"
     else:
         comp = "everything else (q/k/v/o projections, MLP, norms, rope, head, loss)"
-    if name.startswith(("copy", "transpose")) or on.endswith("/transpose"):
-        typ = "layout copies (transposes)"
-    elif name.startswith(("ynn_fusion", "dot")) and "dot_general" in on:
+    # a `dot` whose op_name ends in /transpose is a weight gradient (jax transposes the product's output), not a copy
+    if name.startswith("dot") or (name.startswith("ynn_fusion") and "dot_general" in on):
         typ = "matmul"
+    elif name.startswith(("copy", "transpose")) or on.endswith("/transpose"):
+        typ = "layout copies (transposes)"
     else:
         typ = "elementwise / reductions"
     return comp, f"{typ}, {phase}"

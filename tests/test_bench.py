@@ -89,3 +89,24 @@ def test_bench_script_does_not_shadow_packages(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / "train.py"), "--help"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--configs" in r.stdout, r.stderr[-3000:]
+
+
+def test_train_profile_counts_weight_gradient_dots_as_matmuls():
+    """`--profile`'s op classes, on op names and metadata read from the tiny DeepSeek step's compiled HLO: a batched
+    `dot` whose op_name ends in /transpose is the dropless experts' weight gradient (it was counted as a layout copy),
+    a real relayout stays a copy, and the dropless block products count as MoE."""
+    from bench.profile import train_kind
+    from model.config import tiny_deepseek
+    cfg = tiny_deepseek()
+
+    def kind(name, op_name, shape):
+        return train_kind(name, f"jit(_step_fn)/{op_name}  {shape}", cfg, 16, 256)
+
+    moe = "MoE routed experts (dropless blocks)"
+    assert kind("dot.18", "transpose(jvp(jvp()))/checkpoint/gbd,gdf->gbf/transpose", "f32[144,128,64]{2,1,0}") \
+        == (moe, "matmul, bwd")
+    assert kind("ynn_fusion.404", "jvp(gbf,gfd->gbd)/dot_general", "f32[144,128,128]{2,1,0}") == (moe, "matmul, fwd")
+    other = "everything else (q/k/v/o projections, MLP, norms, rope, head, loss)"
+    assert kind("copy_bitcast_fusion.3", "transpose(jvp(silu))/transpose", "f32[768,4096]{1,0}") \
+        == (other, "layout copies (transposes), bwd")
+    assert kind("ynn_fusion.383", "transpose(jvp())/dot_general", "f32[4096,128]{1,0}") == (other, "matmul, bwd")
