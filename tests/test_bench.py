@@ -67,7 +67,8 @@ def test_grpo_tiny_against_trl(capsys):
     r = result(out)
     assert {"iteration_s", "trl_iteration_s", "speedup_vs_trl"} <= set(r), r
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("iteration_s", "trl_iteration_s", "speedup_vs_trl")), r
-    assert r["speedup_vs_trl"] == pytest.approx(r["trl_iteration_s"] / r["iteration_s"], abs=0.01)  # 2 decimals
+    # the speedup is the ratio of the printed times, printed to 2 decimals
+    assert r["speedup_vs_trl"] == pytest.approx(r["trl_iteration_s"] / r["iteration_s"], abs=0.005 + 1e-9)
 
 
 def test_rollout_tiny_against_transformers(capsys):
